@@ -1,0 +1,204 @@
+"""The ciphers behind the stored format, over ``cryptography``'s AEADs.
+
+A :class:`DataKeyCipher` holds one unwrapped data key (one table, one key
+version) with everything prepared that encrypting and decrypting need, so no
+cipher object and no key is rebuilt per value:
+
+* randomized values use AES-256-GCM under a *subkey* derived with
+  HKDF-SHA256 from the data key and a random 8-byte salt. A writer keeps one
+  subkey for at most :data:`SUBKEY_ENCRYPTIONS` values and then draws a new
+  salt. Nonces are random 96-bit values, so each subkey stays far inside the
+  GCM bound for random nonces, and the number of values one data key can
+  protect is not limited by GCM's nonce space (the same idea as the AWS
+  Encryption SDK's per-message derived keys). See ``docs/format.md``.
+* deterministic values use AES-256-SIV under a per-column key derived with
+  HKDF-SHA256 from the data key and the column binding.
+
+Example::
+
+    >>> import os
+    >>> from sqlalchemy_kms._format import column_aad
+    >>> cipher = DataKeyCipher(os.urandom(32), key_version=1)
+    >>> aad = column_aad("patients", "name")
+    >>> stored = cipher.encrypt(b"Kim Minji", aad)
+    >>> cipher.decrypt(stored, aad)
+    b'Kim Minji'
+    >>> cipher.encrypt_deterministic(b"x", "patients", "name") == \\
+    ...     cipher.encrypt_deterministic(b"x", "patients", "name")
+    True
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Iterator
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ._format import (
+    ALG_DETERMINISTIC,
+    ALG_RANDOMIZED,
+    GCM_SUBKEY_INFO,
+    HEADER_SIZE,
+    NONCE_SIZE,
+    SALT_SIZE,
+    column_aad,
+    pack_header,
+    siv_key_info,
+)
+from .errors import InvalidCiphertextError
+
+#: Values one writer encrypts under one subkey before it draws a new salt.
+#: With random 96-bit nonces the chance of any nonce repeating under one
+#: subkey is below 2**-64 at this count, and across 2**48 values under one
+#: data key below 2**-33.
+SUBKEY_ENCRYPTIONS: Final = 2**16
+
+#: Subkeys of other writers kept per data key for decryption.
+MAX_READER_SUBKEYS: Final = 4096
+
+DATA_KEY_SIZE: Final = 32
+
+
+def derive_gcm_subkey(data_key: bytes, salt: bytes) -> bytes:
+    """HKDF-SHA256(ikm=data key, salt=salt, info=GCM_SUBKEY_INFO), 32 bytes."""
+    return HKDF(algorithm=SHA256(), length=32, salt=salt, info=GCM_SUBKEY_INFO).derive(data_key)
+
+
+def derive_siv_key(data_key: bytes, scope: str, column: str) -> bytes:
+    """HKDF-SHA256(ikm=data key, no salt, info=SIV_KEY_INFO || binding), 64 bytes."""
+    return HKDF(
+        algorithm=SHA256(), length=64, salt=None, info=siv_key_info(scope, column)
+    ).derive(data_key)
+
+
+class DataKeyCipher:
+    """Encrypts and decrypts values under one unwrapped data key.
+
+    Thread-safe. Holds key material: never log or pickle it; its ``repr``
+    shows only the key version.
+    """
+
+    __slots__ = (
+        "_counter",
+        "_data_key",
+        "_det_header",
+        "_lock",
+        "_rand_header",
+        "_readers",
+        "_siv",
+        "_writer",
+        "key_version",
+    )
+
+    def __init__(self, data_key: bytes, key_version: int, *, salt: bytes | None = None) -> None:
+        if len(data_key) != DATA_KEY_SIZE:
+            raise ValueError("a data key is 32 bytes")
+        self._data_key = bytes(data_key)
+        self.key_version = key_version
+        self._rand_header = pack_header(ALG_RANDOMIZED, key_version)
+        self._det_header = pack_header(ALG_DETERMINISTIC, key_version)
+        self._lock = threading.Lock()
+        self._readers: dict[bytes, AESGCM] = {}
+        self._siv: dict[tuple[str, str], AESSIV] = {}
+        self._writer: tuple[bytes, AESGCM] = self._new_writer(salt)
+        self._counter: Iterator[int] = itertools.count()
+
+    def __repr__(self) -> str:
+        return f"<DataKeyCipher key_version={self.key_version}>"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("DataKeyCipher holds key material and cannot be pickled")
+
+    # -- randomized ----------------------------------------------------------
+
+    def _new_writer(self, salt: bytes | None = None) -> tuple[bytes, AESGCM]:
+        salt = os.urandom(SALT_SIZE) if salt is None else salt
+        aead = AESGCM(derive_gcm_subkey(self._data_key, salt))
+        self._remember_reader(salt, aead)
+        return salt, aead
+
+    def _remember_reader(self, salt: bytes, aead: AESGCM) -> None:
+        if len(self._readers) >= MAX_READER_SUBKEYS:
+            # drop the oldest subkey; it is derived again if needed
+            self._readers.pop(next(iter(self._readers)), None)
+        self._readers[salt] = aead
+
+    def _rotate_writer(self, seen: tuple[bytes, AESGCM]) -> tuple[bytes, AESGCM]:
+        with self._lock:
+            if self._writer is seen:
+                self._writer = self._new_writer()
+                self._counter = itertools.count(1)
+            return self._writer
+
+    def encrypt(self, plaintext: bytes, aad: bytes, *, nonce: bytes | None = None) -> bytes:
+        """Encrypt ``plaintext`` for the column bound by ``aad`` (randomized).
+
+        ``nonce`` is for known-answer tests only: never pass one otherwise.
+        """
+        writer = self._writer
+        if next(self._counter) >= SUBKEY_ENCRYPTIONS:
+            writer = self._rotate_writer(writer)
+        salt, aead = writer
+        if nonce is None:
+            nonce = os.urandom(NONCE_SIZE)
+        header = self._rand_header
+        return header + salt + nonce + aead.encrypt(nonce, plaintext, header + aad)
+
+    def _reader(self, salt: bytes) -> AESGCM:
+        aead = self._readers.get(salt)
+        if aead is None:
+            aead = AESGCM(derive_gcm_subkey(self._data_key, salt))
+            with self._lock:
+                self._remember_reader(salt, aead)
+        return aead
+
+    # -- deterministic -------------------------------------------------------
+
+    def _column_siv(self, scope: str, column: str) -> AESSIV:
+        siv = self._siv.get((scope, column))
+        if siv is None:
+            siv = AESSIV(derive_siv_key(self._data_key, scope, column))
+            self._siv[(scope, column)] = siv
+        return siv
+
+    def encrypt_deterministic(
+        self, plaintext: bytes, scope: str, column: str, aad: bytes | None = None
+    ) -> bytes:
+        """Encrypt ``plaintext`` deterministically for one column."""
+        header = self._det_header
+        binding = aad if aad is not None else column_aad(scope, column)
+        siv = self._column_siv(scope, column)
+        return header + siv.encrypt(plaintext, [header + binding])
+
+    # -- both ----------------------------------------------------------------
+
+    def decrypt(
+        self, stored: bytes, aad: bytes, *, algorithm: int = ALG_RANDOMIZED,
+        scope: str = "", column: str = "",
+    ) -> bytes:
+        """Decrypt a stored value whose header was checked by ``parse_header``.
+
+        Raises :class:`InvalidCiphertextError` when authentication fails.
+        """
+        header = stored[:HEADER_SIZE]
+        try:
+            if algorithm == ALG_RANDOMIZED:
+                salt_end = HEADER_SIZE + SALT_SIZE
+                nonce_end = salt_end + NONCE_SIZE
+                aead = self._reader(stored[HEADER_SIZE:salt_end])
+                return aead.decrypt(stored[salt_end:nonce_end], stored[nonce_end:], header + aad)
+            siv = self._column_siv(scope, column)
+            return siv.decrypt(stored[HEADER_SIZE:], [header + aad])
+        except InvalidTag:
+            raise InvalidCiphertextError(
+                "authentication failed: the value was altered, truncated or belongs to "
+                "another column, table or key",
+                key_version=self.key_version,
+            ) from None

@@ -1,0 +1,328 @@
+"""Turning the Python values of an inner type into bytes and back, exactly.
+
+Each supported inner type has a :class:`Codec`: ``encode`` checks the value
+the way the database would (type, declared length, integer range) and returns
+the bytes that are encrypted; ``decode`` gives back an equal value of the
+same Python type; ``max_size`` is the most bytes ``encode`` can return for
+that declared type (``None``: unbounded), from which the column's DDL size is
+computed.
+
+Example::
+
+    >>> from decimal import Decimal
+    >>> from sqlalchemy import Numeric, String
+    >>> codec = codec_for(Numeric(10, 2))
+    >>> codec.decode(codec.encode(Decimal("1.50")))
+    Decimal('1.50')
+    >>> codec_for(String(200)).max_size
+    800
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import operator
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import types as sqltypes
+
+from .errors import ConfigurationError, EncryptionError, ValueTooLongError
+
+__all__ = ["SUPPORTED_TYPES", "Codec", "codec_for"]
+
+SUPPORTED_TYPES = (
+    "String, Text, Unicode, UnicodeText, Enum, Integer, SmallInteger, BigInteger, Float, "
+    "Double, Numeric, Boolean, Date, DateTime, Time, Uuid, JSON, LargeBinary"
+)
+
+
+class Codec:
+    """Encoder and decoder of one inner type."""
+
+    __slots__ = ("decode", "encode", "max_size", "name")
+
+    def __init__(
+        self,
+        name: str,
+        encode: Callable[[Any], bytes],
+        decode: Callable[[bytes], Any],
+        max_size: int | None,
+    ) -> None:
+        self.name = name
+        self.encode = encode
+        self.decode = decode
+        self.max_size = max_size
+
+    def __repr__(self) -> str:
+        return f"<Codec {self.name} max_size={self.max_size}>"
+
+
+def _wrong_type(value: object, expected: str) -> EncryptionError:
+    return EncryptionError(f"expected {expected}, got {type(value).__name__}")
+
+
+def _string_codec(inner: sqltypes.String) -> Codec:
+    length = inner.length
+
+    if length is None:
+
+        def encode(value: Any) -> bytes:
+            if not isinstance(value, str):
+                raise _wrong_type(value, "str")
+            return value.encode("utf-8")
+
+    else:
+
+        def encode(value: Any) -> bytes:
+            if not isinstance(value, str):
+                raise _wrong_type(value, "str")
+            if len(value) > length:
+                raise ValueTooLongError(
+                    f"value has {len(value)} characters; the column holds at most {length}"
+                )
+            return value.encode("utf-8")
+
+    def decode(raw: bytes) -> str:
+        return raw.decode("utf-8")
+
+    # UTF-8 needs at most 4 bytes per character
+    return Codec(f"String({length})", encode, decode, None if length is None else 4 * length)
+
+
+def _enum_codec(inner: sqltypes.Enum) -> Codec:
+    names = list(inner.enums)
+    allowed = set(names)
+    enum_class = inner.enum_class
+    max_size = 4 * max((len(n) for n in names), default=1)
+
+    def encode(value: Any) -> bytes:
+        if enum_class is not None and isinstance(value, enum_class):
+            name: str = value.name
+        elif isinstance(value, str):
+            name = value
+        else:
+            raise _wrong_type(value, "a member of the enumeration")
+        if name not in allowed:
+            raise EncryptionError("value is not one of the enumeration's members")
+        return name.encode("utf-8")
+
+    def decode(raw: bytes) -> Any:
+        name = raw.decode("utf-8")
+        if enum_class is not None:
+            return enum_class[name]
+        return name
+
+    return Codec("Enum", encode, decode, max_size)
+
+
+_INT_BITS = {sqltypes.SmallInteger: 16, sqltypes.BigInteger: 64}
+
+
+def _integer_codec(inner: sqltypes.Integer) -> Codec:
+    bits = 32
+    for cls, size in _INT_BITS.items():
+        if isinstance(inner, cls):
+            bits = size
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+    def encode(value: Any) -> bytes:
+        if isinstance(value, (float, Decimal)) or not hasattr(value, "__index__"):
+            raise _wrong_type(value, "int")
+        number = operator.index(value)
+        if not low <= number <= high:
+            raise EncryptionError(f"integer out of the {bits}-bit range of the column")
+        return str(number).encode("ascii")
+
+    def decode(raw: bytes) -> int:
+        return int(raw)
+
+    return Codec(f"Integer({bits})", encode, decode, len(str(low)))
+
+
+def _float_codec(inner: sqltypes.Float[Any]) -> Codec:
+    asdecimal = bool(inner.asdecimal)
+
+    def encode(value: Any) -> bytes:
+        if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+            raise _wrong_type(value, "float")
+        return repr(float(value)).encode("ascii")
+
+    def decode(raw: bytes) -> Any:
+        text = raw.decode("ascii")
+        return Decimal(text) if asdecimal else float(text)
+
+    return Codec("Float", encode, decode, 32)
+
+
+def _numeric_codec(inner: sqltypes.Numeric[Any]) -> Codec:
+    asdecimal = bool(inner.asdecimal)
+    precision = inner.precision
+
+    def encode(value: Any) -> bytes:
+        if isinstance(value, Decimal):
+            text = str(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            text = str(value)
+        elif isinstance(value, float):
+            text = repr(value)
+        else:
+            raise _wrong_type(value, "Decimal")
+        if len(text) > max_size:
+            raise ValueTooLongError(f"number has {len(text)} digits and signs; too many")
+        return text.encode("ascii")
+
+    def decode(raw: bytes) -> Any:
+        number = Decimal(raw.decode("ascii"))
+        return number if asdecimal else float(number)
+
+    # digits, sign, point and an exponent such as "E+123"
+    max_size = (precision + 12) if precision else 128
+    return Codec("Numeric", encode, decode, max_size)
+
+
+def _boolean_codec(inner: sqltypes.Boolean) -> Codec:
+    def encode(value: Any) -> bytes:
+        if value is True or value == 1:
+            return b"\x01"
+        if value is False or value == 0:
+            return b"\x00"
+        raise _wrong_type(value, "bool")
+
+    def decode(raw: bytes) -> bool:
+        if raw == b"\x01":
+            return True
+        if raw == b"\x00":
+            return False
+        raise ValueError("not a boolean")
+
+    return Codec("Boolean", encode, decode, 1)
+
+
+def _datetime_codec(inner: sqltypes.DateTime) -> Codec:
+    def encode(value: Any) -> bytes:
+        if not isinstance(value, dt.datetime):
+            raise _wrong_type(value, "datetime")
+        return value.isoformat().encode("ascii")
+
+    def decode(raw: bytes) -> dt.datetime:
+        return dt.datetime.fromisoformat(raw.decode("ascii"))
+
+    # 2024-01-31T23:59:59.999999+14:00 (up to 32); +HH:MM:SS.ffffff offsets fit in 48
+    return Codec("DateTime", encode, decode, 48)
+
+
+def _date_codec(inner: sqltypes.Date) -> Codec:
+    def encode(value: Any) -> bytes:
+        if isinstance(value, dt.datetime):
+            value = value.date()
+        if not isinstance(value, dt.date):
+            raise _wrong_type(value, "date")
+        return value.isoformat().encode("ascii")
+
+    def decode(raw: bytes) -> dt.date:
+        return dt.date.fromisoformat(raw.decode("ascii"))
+
+    return Codec("Date", encode, decode, 10)
+
+
+def _time_codec(inner: sqltypes.Time) -> Codec:
+    def encode(value: Any) -> bytes:
+        if not isinstance(value, dt.time):
+            raise _wrong_type(value, "time")
+        return value.isoformat().encode("ascii")
+
+    def decode(raw: bytes) -> dt.time:
+        return dt.time.fromisoformat(raw.decode("ascii"))
+
+    return Codec("Time", encode, decode, 40)
+
+
+def _uuid_codec(inner: sqltypes.Uuid[Any]) -> Codec:
+    as_uuid = bool(inner.as_uuid)
+
+    def encode(value: Any) -> bytes:
+        if isinstance(value, uuid.UUID):
+            return value.bytes
+        if isinstance(value, str):
+            try:
+                return uuid.UUID(value).bytes
+            except ValueError:
+                raise EncryptionError("string is not a UUID") from None
+        raise _wrong_type(value, "uuid.UUID")
+
+    def decode(raw: bytes) -> Any:
+        value = uuid.UUID(bytes=raw)
+        return value if as_uuid else str(value)
+
+    return Codec("Uuid", encode, decode, 16)
+
+
+def _json_codec(inner: sqltypes.JSON) -> Codec:
+    def encode(value: Any) -> bytes:
+        try:
+            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise EncryptionError(f"value is not JSON serializable ({type(exc).__name__})") from None
+        return text.encode("utf-8")
+
+    def decode(raw: bytes) -> Any:
+        return json.loads(raw)
+
+    return Codec("JSON", encode, decode, None)
+
+
+def _binary_codec(inner: sqltypes._Binary) -> Codec:
+    length = inner.length
+
+    def encode(value: Any) -> bytes:
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise _wrong_type(value, "bytes")
+        raw = bytes(value)
+        if length is not None and len(raw) > length:
+            raise ValueTooLongError(
+                f"value has {len(raw)} bytes; the column holds at most {length}"
+            )
+        return raw
+
+    def decode(raw: bytes) -> bytes:
+        return bytes(raw)
+
+    return Codec("LargeBinary", encode, decode, length)
+
+
+# Order matters: Enum is a String, Float a Numeric, DateTime not a Date.
+_FACTORIES: tuple[tuple[type[Any], Callable[[Any], Codec]], ...] = (
+    (sqltypes.Enum, _enum_codec),
+    (sqltypes.String, _string_codec),
+    (sqltypes.Boolean, _boolean_codec),
+    (sqltypes.Integer, _integer_codec),
+    (sqltypes.Float, _float_codec),
+    (sqltypes.Numeric, _numeric_codec),
+    (sqltypes.DateTime, _datetime_codec),
+    (sqltypes.Date, _date_codec),
+    (sqltypes.Time, _time_codec),
+    (sqltypes.Uuid, _uuid_codec),
+    (sqltypes.JSON, _json_codec),
+    (sqltypes._Binary, _binary_codec),
+)
+
+
+def codec_for(inner: sqltypes.TypeEngine[Any]) -> Codec:
+    """The codec of an inner type instance; :class:`ConfigurationError` if unsupported."""
+    for cls, factory in _FACTORIES:
+        if isinstance(inner, cls):
+            return factory(inner)
+    raise ConfigurationError(
+        f"KMSEncrypted cannot encrypt {type(inner).__name__}; supported inner types: "
+        f"{SUPPORTED_TYPES}"
+    )
+
+
+def enum_member_names(enum_class: type[enum.Enum]) -> list[str]:
+    """Names SQLAlchemy's Enum persists for an enum class (used in docs and tests)."""
+    return [member.name for member in enum_class]

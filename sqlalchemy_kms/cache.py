@@ -1,0 +1,121 @@
+"""The bounded, thread-safe, in-memory cache of unwrapped data keys.
+
+Unwrapped keys live only here, in process memory, never on disk. The cache
+holds at most ``max_entries`` keys (the oldest loaded is dropped first) and
+each for at most ``max_age`` seconds, after which the next use unwraps the
+key through the KMS again: access revoked in the KMS stops reads and writes
+within ``max_age``. When many threads miss the same key at once, one of them
+loads it and the others wait for that result: one KMS call, not many.
+
+A hit is one dictionary lookup and one clock comparison.
+
+Example::
+
+    >>> cache = KeyCache(max_entries=2, max_age=300)
+    >>> cache.get_or_load(("patients", 1), lambda: "unwrapped key")
+    'unwrapped key'
+    >>> cache.get(("patients", 1))
+    'unwrapped key'
+    >>> cache.get(("patients", 2)) is None
+    True
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+__all__ = ["DEFAULT_MAX_AGE", "DEFAULT_MAX_ENTRIES", "KeyCache"]
+
+#: Default number of unwrapped keys kept (tables x key versions).
+DEFAULT_MAX_ENTRIES = 1000
+#: Default seconds an unwrapped key is used before the KMS is asked again.
+DEFAULT_MAX_AGE = 300.0
+
+V = TypeVar("V")
+
+
+class KeyCache(Generic[V]):
+    """A bounded mapping from a key's identity to its unwrapped form, with a max age.
+
+    ``clock`` (default :func:`time.monotonic`) can be replaced in tests.
+    """
+
+    def __init__(
+        self,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_age: float = DEFAULT_MAX_AGE,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        if max_age <= 0:
+            raise ValueError("max_age must be positive")
+        self.max_entries = max_entries
+        self.max_age = float(max_age)
+        self._clock = clock
+        self._entries: dict[Hashable, tuple[V, float]] = {}
+        self._guard = threading.Lock()
+        self._loading: dict[Hashable, threading.Lock] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<KeyCache entries={len(self._entries)} max_entries={self.max_entries} "
+            f"max_age={self.max_age}>"
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> V | None:
+        """The cached value, or ``None`` if absent or older than ``max_age``."""
+        entry = self._entries.get(key)
+        if entry is not None and self._clock() < entry[1]:
+            return entry[0]
+        return None
+
+    def expires_at(self, key: Hashable) -> float:
+        """The clock reading at which ``key`` expires (``-inf`` when absent)."""
+        entry = self._entries.get(key)
+        return entry[1] if entry is not None else float("-inf")
+
+    def put(self, key: Hashable, value: V) -> None:
+        """Store ``value``, dropping the oldest entries beyond ``max_entries``."""
+        with self._guard:
+            self._entries.pop(key, None)
+            while len(self._entries) >= self.max_entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = (value, self._clock() + self.max_age)
+
+    def get_or_load(self, key: Hashable, load: Callable[[], V]) -> V:
+        """The cached value, or the result of ``load()``, called once for concurrent misses."""
+        value = self.get(key)
+        if value is not None:
+            self.hits += 1
+            return value
+        with self._guard:
+            lock = self._loading.setdefault(key, threading.Lock())
+        with lock:
+            value = self.get(key)
+            if value is not None:
+                self.hits += 1
+                return value
+            self.misses += 1
+            value = load()
+            self.put(key, value)
+            return value
+
+    def invalidate(self, key: Hashable) -> None:
+        """Forget one entry."""
+        with self._guard:
+            self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        with self._guard:
+            self._entries.clear()

@@ -1,0 +1,193 @@
+"""Every exception sqlalchemy-kms raises on purpose.
+
+All of them derive from :class:`SQLAlchemyKMSError`, so one ``except`` clause
+catches everything the library refuses or fails at::
+
+    SQLAlchemyKMSError
+    ├── ConfigurationError            the library is set up wrongly
+    │   ├── VaultNotFoundError        an engine without a KeyVault touched an encrypted column
+    │   └── KeyTableMissingError      the key table does not exist yet
+    ├── EncryptionError               a value could not be encrypted
+    │   └── ValueTooLongError         longer than the declared String(n) / LargeBinary(n)
+    ├── DecryptionError               "this stored value is invalid"
+    │   ├── InvalidCiphertextError    tampered, truncated, moved to another column, not ours
+    │   └── UnknownKeyVersionError    the key id in the value is not in the key table
+    └── KMSError                      "the KMS failed or denied access"
+        ├── KMSAccessDeniedError      AccessDeniedException
+        ├── KMSKeyDisabledError       DisabledException, KMSInvalidStateException
+        ├── KMSKeyNotFoundError       NotFoundException
+        ├── KMSInvalidCiphertextError the master key refused the wrapped data key
+        └── KMSUnavailableError       the KMS could not be reached or kept throttling
+
+Errors carry what they are about as attributes (``table``, ``column``,
+``key_version``, ``master_key_id``, ``operation``) and name those in their
+message. They never carry plaintext, data keys or stored values.
+
+Example::
+
+    >>> from sqlalchemy_kms.errors import DecryptionError, SQLAlchemyKMSError
+    >>> err = DecryptionError("authentication tag does not match", table="patients",
+    ...                       column="name", key_version=1)
+    >>> str(err)
+    'cannot decrypt patients.name (key version 1): authentication tag does not match'
+    >>> isinstance(err, SQLAlchemyKMSError)
+    True
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "DecryptionError",
+    "EncryptionError",
+    "InvalidCiphertextError",
+    "KMSAccessDeniedError",
+    "KMSError",
+    "KMSInvalidCiphertextError",
+    "KMSKeyDisabledError",
+    "KMSKeyNotFoundError",
+    "KMSUnavailableError",
+    "KeyTableMissingError",
+    "SQLAlchemyKMSError",
+    "UnknownKeyVersionError",
+    "ValueTooLongError",
+    "VaultNotFoundError",
+]
+
+
+def _where(table: str | None, column: str | None) -> str:
+    if table and column:
+        return f"{table}.{column}"
+    return table or column or "an encrypted column"
+
+
+class SQLAlchemyKMSError(Exception):
+    """Base class of every error raised by sqlalchemy-kms.
+
+    Attributes name what the error is about; any of them may be ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        table: str | None = None,
+        column: str | None = None,
+        key_version: int | None = None,
+        master_key_id: str | None = None,
+        operation: str | None = None,
+    ) -> None:
+        self.reason = message
+        self.table = table
+        self.column = column
+        self.key_version = key_version
+        self.master_key_id = master_key_id
+        self.operation = operation
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        return self.reason
+
+    def __reduce__(self) -> tuple[object, ...]:  # keep attributes across pickling
+        return (_rebuild, (type(self), self.reason, self.__dict__.copy()))
+
+
+def _rebuild(
+    cls: type[SQLAlchemyKMSError], message: str, state: dict[str, object]
+) -> SQLAlchemyKMSError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    Exception.__init__(err, err._render())
+    return err
+
+
+class ConfigurationError(SQLAlchemyKMSError):
+    """The library is used in a way it cannot work: fix the code, not the data."""
+
+
+class VaultNotFoundError(ConfigurationError):
+    """An engine that has no :class:`~sqlalchemy_kms.KeyVault` touched an encrypted column."""
+
+    def _render(self) -> str:
+        return (
+            f"no KeyVault is bound to this engine, so column {_where(self.table, self.column)} "
+            "cannot be encrypted or decrypted; create one with KeyVault(engine, provider) "
+            f"before using the engine ({self.reason})"
+        )
+
+
+class KeyTableMissingError(ConfigurationError):
+    """The key table does not exist: call ``vault.create_table()`` or run the migration."""
+
+
+class EncryptionError(SQLAlchemyKMSError):
+    """A value could not be encrypted (wrong type, too long, out of range)."""
+
+    def _render(self) -> str:
+        return f"cannot encrypt a value for {_where(self.table, self.column)}: {self.reason}"
+
+
+class ValueTooLongError(EncryptionError, ValueError):
+    """The value is longer than the length declared on the inner type."""
+
+
+class DecryptionError(SQLAlchemyKMSError):
+    """A stored value is not a valid ciphertext for this column.
+
+    Raised, never a guessed value, when a stored value was tampered with,
+    truncated, copied from another column or table, or is not in our format.
+    """
+
+    def _render(self) -> str:
+        where = _where(self.table, self.column)
+        version = f" (key version {self.key_version})" if self.key_version is not None else ""
+        return f"cannot decrypt {where}{version}: {self.reason}"
+
+
+class InvalidCiphertextError(DecryptionError):
+    """The stored value fails authentication or is malformed."""
+
+
+class UnknownKeyVersionError(DecryptionError):
+    """The stored value names a data key version that the key table does not hold."""
+
+
+class KMSError(SQLAlchemyKMSError):
+    """The key management service failed or refused: the stored data may be fine."""
+
+    def _render(self) -> str:
+        parts = []
+        if self.operation:
+            parts.append(f"KMS {self.operation} failed")
+        else:
+            parts.append("KMS call failed")
+        if self.table:
+            parts.append(f"for table {self.table}")
+        if self.key_version is not None:
+            parts.append(f"key version {self.key_version}")
+        if self.master_key_id:
+            parts.append(f"master key {self.master_key_id}")
+        return " ".join(parts) + f": {self.reason}"
+
+
+class KMSAccessDeniedError(KMSError):
+    """The caller may not use the master key (``AccessDeniedException``)."""
+
+
+class KMSKeyDisabledError(KMSError):
+    """The master key is disabled or pending deletion (``DisabledException``,
+    ``KMSInvalidStateException``)."""
+
+
+class KMSKeyNotFoundError(KMSError):
+    """The master key does not exist (``NotFoundException``)."""
+
+
+class KMSInvalidCiphertextError(KMSError):
+    """The master key could not unwrap the stored data key: a wrong master key,
+    a wrong encryption context, or a damaged wrapped key."""
+
+
+class KMSUnavailableError(KMSError):
+    """The KMS could not be reached in time, or kept throttling after retries."""

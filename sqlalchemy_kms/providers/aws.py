@@ -1,0 +1,147 @@
+"""AWS KMS as the key provider, through boto3.
+
+Data keys are made with ``GenerateDataKey`` (``KeySpec="AES_256"``) and
+unwrapped with ``Decrypt`` (``KeyId`` always given), both with the
+encryption context ``{"table": ..., "key_version": ...}``. The wrapped key
+stored in the key table is exactly KMS's ``CiphertextBlob``, so anyone with
+``kms:Decrypt`` on the master key can unwrap it with plain boto3::
+
+    kms.decrypt(CiphertextBlob=wrapped, KeyId=master_key_id,
+                EncryptionContext={"table": "patients", "key_version": "1"})
+
+A key policy can restrict a role to some tables with a condition such as
+``"StringEquals": {"kms:EncryptionContext:table": "patients"}``.
+
+Example::
+
+    kms = AwsKms("alias/demo_cmk")                      # boto3's usual configuration
+    kms = AwsKms("arn:aws:kms:...:key/...", region_name="ap-northeast-2")
+    kms = AwsKms("alias/demo_cmk", client=boto3.client("kms"))
+
+Without ``client``, one is built the normal boto3 way (environment,
+profiles, ``AWS_ENDPOINT_URL_KMS``), with bounded timeouts and botocore's
+``standard`` retry mode, which retries throttling with backoff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from ..errors import (
+    KMSAccessDeniedError,
+    KMSError,
+    KMSInvalidCiphertextError,
+    KMSKeyDisabledError,
+    KMSKeyNotFoundError,
+    KMSUnavailableError,
+)
+from .base import GeneratedDataKey, KeyProvider
+
+if TYPE_CHECKING:
+    from mypy_boto3_kms import KMSClient
+
+__all__ = ["AwsKms"]
+
+_ERRORS: dict[str, type[KMSError]] = {
+    "AccessDeniedException": KMSAccessDeniedError,
+    "DisabledException": KMSKeyDisabledError,
+    "KMSInvalidStateException": KMSKeyDisabledError,
+    "NotFoundException": KMSKeyNotFoundError,
+    "InvalidCiphertextException": KMSInvalidCiphertextError,
+    "IncorrectKeyException": KMSInvalidCiphertextError,
+    "ThrottlingException": KMSUnavailableError,
+    "LimitExceededException": KMSUnavailableError,
+    "KMSInternalException": KMSUnavailableError,
+    "DependencyTimeoutException": KMSUnavailableError,
+}
+
+
+class AwsKms(KeyProvider):
+    """AWS KMS master key ``key_id``: a key id, key ARN, alias name or alias ARN.
+
+    Options used only when ``client`` is not given: ``region_name``,
+    ``profile_name``, ``endpoint_url``, ``connect_timeout`` and
+    ``read_timeout`` (seconds, default 5 and 10), ``max_attempts`` (default 3)
+    and ``retry_mode`` (``"standard"`` or ``"adaptive"``).
+    """
+
+    name = "aws-kms"
+
+    def __init__(
+        self,
+        key_id: str,
+        client: KMSClient | None = None,
+        *,
+        region_name: str | None = None,
+        profile_name: str | None = None,
+        endpoint_url: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 10.0,
+        max_attempts: int = 3,
+        retry_mode: str = "standard",
+    ) -> None:
+        super().__init__()
+        if not key_id:
+            raise ValueError("key_id is required")
+        self._key_id = key_id
+        if client is None:
+            session = boto3.session.Session(profile_name=profile_name, region_name=region_name)
+            config = Config(
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                retries={"mode": retry_mode, "max_attempts": max_attempts},  # type: ignore[typeddict-item]
+            )
+            client = session.client("kms", endpoint_url=endpoint_url, config=config)
+        self.client: KMSClient = client
+
+    def __repr__(self) -> str:
+        return f"AwsKms({self._key_id!r})"
+
+    @property
+    def master_key_id(self) -> str:
+        return self._key_id
+
+    def _error(
+        self, exc: Exception, operation: str, context: Mapping[str, str], master_key_id: str
+    ) -> KMSError:
+        version = int(context["key_version"]) if "key_version" in context else None
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
+            cls = _ERRORS.get(code, KMSError)
+            reason = code
+        else:
+            cls, reason = KMSUnavailableError, type(exc).__name__
+        return cls(
+            reason,
+            operation=operation,
+            table=context.get("table"),
+            key_version=version,
+            master_key_id=master_key_id,
+        )
+
+    def generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
+        self._count("GenerateDataKey")
+        try:
+            response: Any = self.client.generate_data_key(
+                KeyId=self._key_id, KeySpec="AES_256", EncryptionContext=dict(context)
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "GenerateDataKey", context, self._key_id) from exc
+        return GeneratedDataKey(
+            bytes(response["Plaintext"]), bytes(response["CiphertextBlob"]), response["KeyId"]
+        )
+
+    def unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
+        self._count("Decrypt")
+        try:
+            response: Any = self.client.decrypt(
+                CiphertextBlob=wrapped, KeyId=master_key_id, EncryptionContext=dict(context)
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "Decrypt", context, master_key_id) from exc
+        return bytes(response["Plaintext"])

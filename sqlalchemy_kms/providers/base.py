@@ -1,0 +1,85 @@
+"""The interface every key provider implements.
+
+A provider wraps and unwraps data keys with a master key it never reveals.
+The vault calls it once per table and key version, never per value. Each
+call passes an *encryption context*: non-secret strings that the provider
+binds to the wrapped key (AWS KMS checks them and records them in CloudTrail;
+key policies can test them). sqlalchemy-kms always sends::
+
+    {"table": "<schema.>table", "key_version": "<n>"}
+
+Writing a provider means implementing :meth:`KeyProvider.generate_data_key`
+and :meth:`KeyProvider.unwrap`. Example of a use::
+
+    >>> from sqlalchemy_kms import LocalKms
+    >>> provider = LocalKms(bytes(32))
+    >>> key = provider.generate_data_key({"table": "patients", "key_version": "1"})
+    >>> provider.unwrap(key.wrapped, {"table": "patients", "key_version": "1"},
+    ...                 key.master_key_id) == key.plaintext
+    True
+    >>> key
+    <GeneratedDataKey master_key_id='local:...' wrapped=... bytes>
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections import Counter
+from collections.abc import Mapping
+
+__all__ = ["GeneratedDataKey", "KeyProvider", "encryption_context"]
+
+
+def encryption_context(scope: str, key_version: int) -> dict[str, str]:
+    """The encryption context sqlalchemy-kms sends for one table's key version."""
+    return {"table": scope, "key_version": str(key_version)}
+
+
+class GeneratedDataKey:
+    """A fresh data key: its plaintext (kept in memory only) and its wrapped form."""
+
+    __slots__ = ("master_key_id", "plaintext", "wrapped")
+
+    def __init__(self, plaintext: bytes, wrapped: bytes, master_key_id: str) -> None:
+        self.plaintext = plaintext
+        self.wrapped = wrapped
+        self.master_key_id = master_key_id
+
+    def __repr__(self) -> str:
+        return (
+            f"<GeneratedDataKey master_key_id={self.master_key_id!r} "
+            f"wrapped={len(self.wrapped)} bytes>"
+        )
+
+
+class KeyProvider(abc.ABC):
+    """A master key that wraps and unwraps data keys.
+
+    ``calls`` counts the provider calls made, by operation name
+    (``"GenerateDataKey"``, ``"Decrypt"``), for metrics and tests.
+    """
+
+    #: Short name stored in the key table's ``provider`` column.
+    name: str = "abstract"
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self._calls_lock = threading.Lock()
+
+    def _count(self, operation: str) -> None:
+        with self._calls_lock:
+            self.calls[operation] += 1
+
+    @property
+    @abc.abstractmethod
+    def master_key_id(self) -> str:
+        """The master key new data keys are wrapped under, as configured."""
+
+    @abc.abstractmethod
+    def generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
+        """Make a new 256-bit data key wrapped under the master key, bound to ``context``."""
+
+    @abc.abstractmethod
+    def unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
+        """Return the plaintext of a wrapped data key made under ``master_key_id``."""
