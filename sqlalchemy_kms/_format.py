@@ -6,7 +6,7 @@ without trying keys::
     offset  size  field
     0       1     format version            0x01
     1       1     algorithm                 0x01 randomized, 0x02 deterministic
-    2       4     data key version          unsigned, big-endian, >= 1
+    2       4     data key version          big-endian, 1 .. 2**31 - 1
 
 followed, for algorithm 0x01 (AES-256-GCM under a derived subkey), by::
 
@@ -58,7 +58,8 @@ DETERMINISTIC_OVERHEAD: Final = HEADER_SIZE + SIV_TAG_SIZE
 #: The largest overhead of any algorithm: what a column must hold beyond the plaintext.
 MAX_OVERHEAD: Final = max(RANDOMIZED_OVERHEAD, DETERMINISTIC_OVERHEAD)
 
-MAX_KEY_VERSION: Final = 0xFFFFFFFF
+#: Key versions are stored as a signed 32-bit INTEGER in the key table.
+MAX_KEY_VERSION: Final = 0x7FFFFFFF
 
 _HEADER = struct.Struct(">BBI")
 _MIN_SIZE = {
@@ -96,8 +97,8 @@ def parse_header(stored: bytes) -> tuple[int, int]:
         raise InvalidCiphertextError(f"unknown algorithm {algorithm}")
     if len(stored) < minimum:
         raise InvalidCiphertextError("value is truncated")
-    if key_version == 0:
-        raise InvalidCiphertextError("key version 0 does not exist")
+    if not 1 <= key_version <= MAX_KEY_VERSION:
+        raise InvalidCiphertextError(f"key version {key_version} is out of range")
     return algorithm, key_version
 
 
