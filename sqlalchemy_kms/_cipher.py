@@ -73,9 +73,9 @@ def derive_gcm_subkey(data_key: bytes, salt: bytes) -> bytes:
 
 def derive_siv_key(data_key: bytes, scope: str, column: str) -> bytes:
     """HKDF-SHA256(ikm=data key, no salt, info=SIV_KEY_INFO || binding), 64 bytes."""
-    return HKDF(
-        algorithm=SHA256(), length=64, salt=None, info=siv_key_info(scope, column)
-    ).derive(data_key)
+    return HKDF(algorithm=SHA256(), length=64, salt=None, info=siv_key_info(scope, column)).derive(
+        data_key
+    )
 
 
 class DataKeyCipher:
@@ -180,8 +180,13 @@ class DataKeyCipher:
     # -- both ----------------------------------------------------------------
 
     def decrypt(
-        self, stored: bytes, aad: bytes, *, algorithm: int = ALG_RANDOMIZED,
-        scope: str = "", column: str = "",
+        self,
+        stored: bytes,
+        aad: bytes,
+        *,
+        algorithm: int = ALG_RANDOMIZED,
+        scope: str = "",
+        column: str = "",
     ) -> bytes:
         """Decrypt a stored value whose header was checked by ``parse_header``.
 

@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import datetime as dt
-import enum
 import json
 import operator
 import uuid
@@ -164,9 +163,7 @@ def _numeric_codec(inner: sqltypes.Numeric[Any]) -> Codec:
     precision = inner.precision
 
     def encode(value: Any) -> bytes:
-        if isinstance(value, Decimal):
-            text = str(value)
-        elif isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, Decimal) or (isinstance(value, int) and not isinstance(value, bool)):
             text = str(value)
         elif isinstance(value, float):
             text = repr(value)
@@ -267,7 +264,9 @@ def _json_codec(inner: sqltypes.JSON) -> Codec:
         try:
             text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise EncryptionError(f"value is not JSON serializable ({type(exc).__name__})") from None
+            raise EncryptionError(
+                f"value is not JSON serializable ({type(exc).__name__})"
+            ) from None
         return text.encode("utf-8")
 
     def decode(raw: bytes) -> Any:
@@ -321,8 +320,3 @@ def codec_for(inner: sqltypes.TypeEngine[Any]) -> Codec:
         f"KMSEncrypted cannot encrypt {type(inner).__name__}; supported inner types: "
         f"{SUPPORTED_TYPES}"
     )
-
-
-def enum_member_names(enum_class: type[enum.Enum]) -> list[str]:
-    """Names SQLAlchemy's Enum persists for an enum class (used in docs and tests)."""
-    return [member.name for member in enum_class]

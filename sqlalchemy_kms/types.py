@@ -30,6 +30,7 @@ table and column when it is attached, and binds every ciphertext to them.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from sqlalchemy import Column, Table, event
@@ -97,7 +98,8 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
     cache_ok = True
 
     def __init__(
-        self, inner_type: sqltypes.TypeEngine[Any] | type[sqltypes.TypeEngine[Any]],
+        self,
+        inner_type: sqltypes.TypeEngine[Any] | type[sqltypes.TypeEngine[Any]],
         deterministic: bool = False,
     ) -> None:
         inner = sqltypes.to_instance(inner_type)
@@ -231,11 +233,8 @@ def _make_key_for_new_table(table: Table, connection: Any, **kw: Any) -> None:
     vault = vault_for(connection.dialect)
     if vault is None:
         return
-    try:
+    with contextlib.suppress(KeyTableMissingError):  # else made on first use
         vault.create_key(table)
-    except KeyTableMissingError:
-        pass  # made on first use once the key table exists
-
 
 
 @event.listens_for(Engine, "handle_error")

@@ -42,7 +42,9 @@ SERVER_URLS = {
 }
 DATABASES = [
     name.strip()
-    for name in os.environ.get("SQLALCHEMY_KMS_TEST_DATABASES", "sqlite,postgresql,mariadb").split(",")
+    for name in os.environ.get("SQLALCHEMY_KMS_TEST_DATABASES", "sqlite,postgresql,mariadb").split(
+        ","
+    )
     if name.strip()
 ]
 REQUIRE_SERVERS = os.environ.get("SQLALCHEMY_KMS_REQUIRE_SERVERS") == "1"
@@ -122,8 +124,15 @@ def kms_endpoint() -> Iterator[str]:
     """A moto KMS server on a free loopback port, stopped by PID at the end."""
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-c", "from moto.server import main; main()",
-         "-H", "127.0.0.1", "-p", str(port)],
+        [
+            sys.executable,
+            "-c",
+            "from moto.server import main; main()",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -138,10 +147,18 @@ def kms_endpoint() -> Iterator[str]:
                 process.kill()
                 raise RuntimeError("moto_server did not start") from None
             time.sleep(0.1)
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_KMS")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION=REGION)
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT_URL_KMS",
+        )
+    }
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=REGION
+    )
     try:
         yield url
     finally:
@@ -160,8 +177,11 @@ def kms_endpoint() -> Iterator[str]:
 
 def kms_client(endpoint: str) -> Any:
     return boto3.client(
-        "kms", endpoint_url=endpoint, region_name=REGION,
-        aws_access_key_id="testing", aws_secret_access_key="testing",
+        "kms",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
     )
 
 

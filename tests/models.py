@@ -9,13 +9,15 @@ from sqlalchemy_kms import KMSEncrypted
 
 def people_tables(metadata: MetaData) -> tuple[Table, Table]:
     patients = Table(
-        "patients", metadata,
+        "patients",
+        metadata,
         Column("id", Integer, primary_key=True, autoincrement=False),
         Column("name", KMSEncrypted(String(100))),
         Column("phone", KMSEncrypted(String(20))),
     )
     visits = Table(
-        "visits", metadata,
+        "visits",
+        metadata,
         Column("id", Integer, primary_key=True, autoincrement=False),
         Column("note", KMSEncrypted(String(200))),
     )

@@ -39,7 +39,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, declared_attr, mapped_column
 
-from sqlalchemy_kms import KMSEncrypted, KeyVault
+from sqlalchemy_kms import KeyVault, KMSEncrypted
 from sqlalchemy_kms.errors import (
     ConfigurationError,
     DecryptionError,
@@ -70,8 +70,14 @@ ROUND_TRIPS: list[tuple[str, Any, list[Any]]] = [
     ("boolean", Boolean, [True, False]),
     ("date", Date, [dt.date(2024, 2, 29), dt.date(1, 1, 1)]),
     ("datetime", DateTime, [dt.datetime(2024, 1, 31, 23, 59, 59, 999999)]),
-    ("datetime_tz", DateTime(timezone=True), [dt.datetime(2024, 1, 31, 9, 0, tzinfo=KST),
-                                              dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)]),
+    (
+        "datetime_tz",
+        DateTime(timezone=True),
+        [
+            dt.datetime(2024, 1, 31, 9, 0, tzinfo=KST),
+            dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
+        ],
+    ),
     ("time", Time, [dt.time(23, 59, 59, 123456), dt.time(0, 0)]),
     ("uuid", Uuid, [uuid.UUID("12345678-1234-5678-1234-567812345678")]),
     ("json", JSON, [{"a": [1, 2, {"b": None}], "k": "값"}, [1, "two", 3.5], "scalar"]),
@@ -93,7 +99,8 @@ def test_every_inner_type_round_trips(
 ) -> None:
     metadata = MetaData()
     table = Table(
-        f"rt_{label}", metadata,
+        f"rt_{label}",
+        metadata,
         Column("id", Integer, primary_key=True, autoincrement=False),
         Column("value", KMSEncrypted(inner)),
     )
@@ -162,16 +169,23 @@ def _names(engine: Engine) -> dict[int, Any]:
 
 def test_orm_unit_of_work_get_and_select(orm: Engine) -> None:
     with Session(orm) as session:
-        session.add_all([
-            Patient(id=1, name="Kim Minji", phone="010-1234-5678", notes="allergic to penicillin"),
-            Patient(id=2, name="", phone=None, notes=None),
-        ])
+        session.add_all(
+            [
+                Patient(
+                    id=1, name="Kim Minji", phone="010-1234-5678", notes="allergic to penicillin"
+                ),
+                Patient(id=2, name="", phone=None, notes=None),
+            ]
+        )
         session.commit()
     with Session(orm) as session:
         first = session.get(Patient, 1)
         assert first is not None
         assert (first.name, first.phone, first.notes) == (
-            "Kim Minji", "010-1234-5678", "allergic to penicillin")
+            "Kim Minji",
+            "010-1234-5678",
+            "allergic to penicillin",
+        )
         second = session.get(Patient, 2)
         assert second is not None and second.name == "" and second.phone is None
     raw = _raw(orm, "SELECT name FROM patients ORDER BY id")
@@ -181,17 +195,23 @@ def test_orm_unit_of_work_get_and_select(orm: Engine) -> None:
 
 def test_bulk_insert_bulk_update_core_executemany_and_merge(orm: Engine) -> None:
     with Session(orm) as session:
-        session.execute(insert(Patient), [
-            {"id": i, "name": f"name-{i}", "phone": f"phone-{i}", "notes": f"n{i}"}
-            for i in range(1, 6)
-        ])
+        session.execute(
+            insert(Patient),
+            [
+                {"id": i, "name": f"name-{i}", "phone": f"phone-{i}", "notes": f"n{i}"}
+                for i in range(1, 6)
+            ],
+        )
         session.execute(update(Patient), [{"id": 1, "name": "bulk-updated"}])
         session.commit()
     with orm.begin() as conn:
-        conn.execute(Patient.__table__.insert(), [
-            {"id": 10, "name": "core-10", "phone": None, "notes": "x"},
-            {"id": 11, "name": "core-11", "phone": "p", "notes": "y"},
-        ])
+        conn.execute(
+            Patient.__table__.insert(),
+            [
+                {"id": 10, "name": "core-10", "phone": None, "notes": "x"},
+                {"id": 11, "name": "core-11", "phone": "p", "notes": "y"},
+            ],
+        )
         conn.execute(
             Patient.__table__.update().where(Patient.__table__.c.id == 11).values(notes="core-up")
         )
@@ -212,8 +232,9 @@ def test_bulk_insert_bulk_update_core_executemany_and_merge(orm: Engine) -> None
 
 def test_mixin_columns_are_bound_to_their_own_tables(orm: Engine) -> None:
     with Session(orm) as session:
-        session.add_all([Doctor(id=1, secret="doc", comment="c1"),
-                         Nurse(id=1, secret="nurse", comment="c2")])
+        session.add_all(
+            [Doctor(id=1, secret="doc", comment="c1"), Nurse(id=1, secret="nurse", comment="c2")]
+        )
         session.commit()
     assert Doctor.__table__.c.secret.type is not Nurse.__table__.c.secret.type
     with Session(orm) as session:
@@ -223,8 +244,12 @@ def test_mixin_columns_are_bound_to_their_own_tables(orm: Engine) -> None:
 
 def test_ciphertext_copied_to_another_column_or_table_fails(orm: Engine) -> None:
     with Session(orm) as session:
-        session.add_all([Patient(id=1, name="Kim", phone="010", notes="n"),
-                         Doctor(id=1, secret="doc", comment="c")])
+        session.add_all(
+            [
+                Patient(id=1, name="Kim", phone="010", notes="n"),
+                Doctor(id=1, secret="doc", comment="c"),
+            ]
+        )
         session.commit()
     with orm.begin() as conn:
         stored_name = conn.execute(text("SELECT name FROM patients")).scalar_one()
@@ -340,8 +365,11 @@ def test_column_ddl_holds_the_largest_ciphertext(
     inner: Any, mysql_ddl: str, pg_ddl: str, sqlite_ddl: str
 ) -> None:
     column_type = KMSEncrypted(inner)
-    for dialect, want in ((mysql.dialect(), mysql_ddl), (postgresql.dialect(), pg_ddl),
-                          (sqlite.dialect(), sqlite_ddl)):
+    for dialect, want in (
+        (mysql.dialect(), mysql_ddl),
+        (postgresql.dialect(), pg_ddl),
+        (sqlite.dialect(), sqlite_ddl),
+    ):
         assert column_type.dialect_impl(dialect).compile(dialect=dialect) == want
     if isinstance(inner, String) and inner.length:
         assert column_type.max_stored_size == 4 * inner.length + 42
@@ -349,5 +377,8 @@ def test_column_ddl_holds_the_largest_ciphertext(
 
 def test_stored_column_is_binary_in_the_database(orm: Engine) -> None:
     columns = {c["name"]: c for c in inspect(orm).get_columns("patients")}
-    assert "BLOB" in str(columns["name"]["type"]).upper() or "BYTEA" in str(
-        columns["name"]["type"]).upper() or "VARBINARY" in str(columns["name"]["type"]).upper()
+    assert (
+        "BLOB" in str(columns["name"]["type"]).upper()
+        or "BYTEA" in str(columns["name"]["type"]).upper()
+        or "VARBINARY" in str(columns["name"]["type"]).upper()
+    )

@@ -18,11 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import (
-    Column,
-    Integer,
     MetaData,
-    String,
-    Table,
     create_engine,
     func,
     select,
@@ -32,7 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
-from sqlalchemy_kms import AwsKms, KMSEncrypted, KeyVault, LocalKms
+from sqlalchemy_kms import AwsKms, KeyVault, LocalKms
 from sqlalchemy_kms.errors import (
     DecryptionError,
     KeyTableMissingError,
@@ -47,9 +43,14 @@ from .models import people_tables
 
 def key_rows(engine: Engine) -> list[Any]:
     with engine.connect() as conn:
-        return list(conn.execute(text(
-            "SELECT scope, key_version, state, provider, master_key_id, wrapped_key "
-            "FROM kms_data_keys ORDER BY scope, key_version")))
+        return list(
+            conn.execute(
+                text(
+                    "SELECT scope, key_version, state, provider, master_key_id, wrapped_key "
+                    "FROM kms_data_keys ORDER BY scope, key_version"
+                )
+            )
+        )
 
 
 def test_wrapped_key_unwraps_with_plain_boto3_and_decrypts_the_column(
@@ -66,12 +67,16 @@ def test_wrapped_key_unwraps_with_plain_boto3_and_decrypts_the_column(
 
     client = kms_client(kms_endpoint)
     data_key = client.decrypt(
-        CiphertextBlob=bytes(row.wrapped_key), KeyId=row.master_key_id,
+        CiphertextBlob=bytes(row.wrapped_key),
+        KeyId=row.master_key_id,
         EncryptionContext={"table": "patients", "key_version": "1"},
     )["Plaintext"]
     with pytest.raises(client.exceptions.InvalidCiphertextException):
-        client.decrypt(CiphertextBlob=bytes(row.wrapped_key), KeyId=row.master_key_id,
-                       EncryptionContext={"table": "visits", "key_version": "1"})
+        client.decrypt(
+            CiphertextBlob=bytes(row.wrapped_key),
+            KeyId=row.master_key_id,
+            EncryptionContext={"table": "visits", "key_version": "1"},
+        )
 
     # decrypt the stored value from the specification alone (docs/format.md)
     with engine.connect() as conn:
@@ -79,8 +84,14 @@ def test_wrapped_key_unwraps_with_plain_boto3_and_decrypts_the_column(
     header, salt, nonce, body = stored[:6], stored[6:14], stored[14:26], stored[26:]
     assert header == bytes([1, 1, 0, 0, 0, 1])
     subkey = HKDF(SHA256(), 32, salt, b"sqlalchemy-kms/v1/aes-256-gcm-subkey").derive(data_key)
-    aad = header + len(b"patients").to_bytes(2, "big") + b"patients" + (4).to_bytes(2, "big") + b"name"
-    assert AESGCM(subkey).decrypt(nonce, body, aad) == "Kim Minji".encode()
+    aad = (
+        header
+        + len(b"patients").to_bytes(2, "big")
+        + b"patients"
+        + (4).to_bytes(2, "big")
+        + b"name"
+    )
+    assert AESGCM(subkey).decrypt(nonce, body, aad) == b"Kim Minji"
 
 
 FRESH_READER = textwrap.dedent("""
@@ -100,7 +111,8 @@ FRESH_READER = textwrap.dedent("""
     KeyVault(engine, AwsKms(os.environ["CMK"], client=client))
     patients, visits = people_tables(MetaData())
     with engine.connect() as conn:
-        names = conn.execute(select(patients.c.name, patients.c.phone).order_by(patients.c.id)).all()
+        query = select(patients.c.name, patients.c.phone).order_by(patients.c.id)
+        names = conn.execute(query).all()
         notes = conn.execute(select(visits.c.note).order_by(visits.c.id)).scalars().all()
     print(json.dumps({"calls": calls, "names": [list(r) for r in names], "notes": notes}))
 """)
@@ -123,10 +135,21 @@ def test_1000_rows_cost_one_generate_and_one_decrypt_per_table(
     written = dict(kms.counter.calls)  # type: ignore[attr-defined]
     assert written == {"GenerateDataKey": 2}
 
-    env = dict(os.environ, KMS_ENDPOINT=kms_endpoint, DB_URL=db_url, CMK=cmk["alias"],
-               PROJECT_DIR=str(Path(__file__).parent.parent))
-    result = subprocess.run([sys.executable, "-c", FRESH_READER], env=env, capture_output=True,
-                            text=True, timeout=120, check=True)
+    env = dict(
+        os.environ,
+        KMS_ENDPOINT=kms_endpoint,
+        DB_URL=db_url,
+        CMK=cmk["alias"],
+        PROJECT_DIR=str(Path(__file__).parent.parent),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_READER],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     report = json.loads(result.stdout)
     assert report["calls"] == {"Decrypt": 2}
     assert report["names"] == [[r["name"], r["phone"]] for r in rows]
@@ -160,8 +183,9 @@ def test_two_processes_racing_for_the_first_key_both_succeed_with_one_key(
     context = multiprocessing.get_context("spawn")
     barrier, out = context.Barrier(2), context.Queue()
     workers = [
-        context.Process(target=_race_for_first_key,
-                        args=(db_url, kms_endpoint, cmk["alias"], barrier, out))
+        context.Process(
+            target=_race_for_first_key, args=(db_url, kms_endpoint, cmk["alias"], barrier, out)
+        )
         for _ in range(2)
     ]
     for worker in workers:
@@ -197,8 +221,7 @@ def test_sqlite_session_writes_two_new_tables_in_one_transaction(
     with engine.connect() as conn:
         assert conn.execute(select(visits.c.note)).scalar_one() == "checkup"
         assert conn.execute(select(patients.c.name)).scalar_one() == "Kim"
-    assert [(r.scope, r.key_version) for r in key_rows(engine)] == [
-        ("patients", 1), ("visits", 1)]
+    assert [(r.scope, r.key_version) for r in key_rows(engine)] == [("patients", 1), ("visits", 1)]
     vault.close()
     engine.dispose()
 
@@ -222,8 +245,7 @@ def test_sqlite_key_made_inside_a_rolled_back_transaction_is_never_used(
     with Session(engine) as session:
         session.execute(visits.insert().values(id=2, note="kept"))
         session.commit()
-    assert [(r.scope, r.key_version) for r in key_rows(engine)] == [
-        ("patients", 1), ("visits", 1)]
+    assert [(r.scope, r.key_version) for r in key_rows(engine)] == [("patients", 1), ("visits", 1)]
     fresh = KeyVault(create_engine(f"sqlite:///{tmp_path / 'app.db'}"), local_kms)
     with fresh.engine.connect() as conn:
         assert conn.execute(select(visits.c.note)).scalars().all() == ["kept"]
@@ -232,8 +254,9 @@ def test_sqlite_key_made_inside_a_rolled_back_transaction_is_never_used(
 
 
 def test_in_memory_sqlite_with_static_pool(local_kms: LocalKms) -> None:
-    engine = create_engine("sqlite://", poolclass=StaticPool,
-                           connect_args={"check_same_thread": False})
+    engine = create_engine(
+        "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+    )
     vault = KeyVault(engine, local_kms)
     vault.create_table()
     metadata = MetaData()
@@ -252,8 +275,7 @@ def test_keys_are_made_ahead_when_tables_are_created(engine: Engine, vault: KeyV
     metadata = MetaData()
     people_tables(metadata)
     metadata.create_all(engine)
-    assert [(r.scope, r.key_version) for r in key_rows(engine)] == [
-        ("patients", 1), ("visits", 1)]
+    assert [(r.scope, r.key_version) for r in key_rows(engine)] == [("patients", 1), ("visits", 1)]
     assert vault.create_keys(metadata) == {"patients": 1, "visits": 1}
     assert vault.create_key("other_table") == 1
     vault.create_table()  # idempotent
@@ -335,7 +357,9 @@ def test_many_threads_missing_one_key_make_one_kms_call(engine: Engine, kms: Aws
     vault.create_table()
     metadata.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(patients.insert(), [{"id": i, "name": f"n{i}", "phone": "p"} for i in range(20)])
+        conn.execute(
+            patients.insert(), [{"id": i, "name": f"n{i}", "phone": "p"} for i in range(20)]
+        )
     vault.clear_cache()
     calls = kms.counter.calls  # type: ignore[attr-defined]
     before = calls["Decrypt"]
@@ -367,8 +391,9 @@ def test_reprs_and_errors_hold_no_secrets(engine: Engine, vault: KeyVault) -> No
     cipher = vault.cache.get(("patients", 1))
     assert cipher is not None
     secret = cipher._data_key
-    shown = " ".join([repr(vault), repr(vault.cache), repr(cipher), repr(vault.provider),
-                      str(vault.stats())])
+    shown = " ".join(
+        [repr(vault), repr(vault.cache), repr(cipher), repr(vault.provider), str(vault.stats())]
+    )
     assert secret.hex() not in shown and "Kim" not in shown
     with pytest.raises(TypeError):
         import pickle

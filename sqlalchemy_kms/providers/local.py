@@ -117,13 +117,18 @@ class LocalKms(KeyProvider):
         version = int(context["key_version"]) if "key_version" in context else None
         if len(wrapped) < 1 + _ID_SIZE + _NONCE_SIZE + 16 or wrapped[0] != _WRAP_VERSION:
             raise KMSInvalidCiphertextError(
-                "wrapped data key is malformed", operation="Decrypt", table=table,
-                key_version=version, master_key_id=master_key_id,
+                "wrapped data key is malformed",
+                operation="Decrypt",
+                table=table,
+                key_version=version,
+                master_key_id=master_key_id,
             )
         if wrapped[1 : 1 + _ID_SIZE] != self._id:
             raise KMSInvalidCiphertextError(
                 f"wrapped under another local master key, not {self.master_key_id}",
-                operation="Decrypt", table=table, key_version=version,
+                operation="Decrypt",
+                table=table,
+                key_version=version,
                 master_key_id=master_key_id,
             )
         nonce = wrapped[1 + _ID_SIZE : 1 + _ID_SIZE + _NONCE_SIZE]
@@ -134,6 +139,8 @@ class LocalKms(KeyProvider):
         except InvalidTag:
             raise KMSInvalidCiphertextError(
                 "wrapped data key does not match its encryption context or was altered",
-                operation="Decrypt", table=table, key_version=version,
+                operation="Decrypt",
+                table=table,
+                key_version=version,
                 master_key_id=master_key_id,
             ) from None
