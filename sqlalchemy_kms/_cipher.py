@@ -120,6 +120,8 @@ class DataKeyCipher:
 
     def _new_writer(self, salt: bytes | None = None) -> tuple[bytes, AESGCM]:
         salt = os.urandom(SALT_SIZE) if salt is None else salt
+        if len(salt) != SALT_SIZE:
+            raise ValueError(f"a salt is {SALT_SIZE} bytes")
         aead = AESGCM(derive_gcm_subkey(self._data_key, salt))
         self._remember_reader(salt, aead)
         return salt, aead
@@ -148,6 +150,8 @@ class DataKeyCipher:
         salt, aead = writer
         if nonce is None:
             nonce = os.urandom(NONCE_SIZE)
+        elif len(nonce) != NONCE_SIZE:
+            raise ValueError(f"a nonce is {NONCE_SIZE} bytes")
         header = self._rand_header
         return header + salt + nonce + aead.encrypt(nonce, plaintext, header + aad)
 
@@ -190,9 +194,15 @@ class DataKeyCipher:
     ) -> bytes:
         """Decrypt a stored value whose header was checked by ``parse_header``.
 
-        Raises :class:`InvalidCiphertextError` when authentication fails.
+        Raises :class:`InvalidCiphertextError` when authentication fails or
+        the header names another algorithm or key version than this cipher's.
         """
         header = stored[:HEADER_SIZE]
+        expected = self._rand_header if algorithm == ALG_RANDOMIZED else self._det_header
+        if header != expected or (algorithm == ALG_DETERMINISTIC and not (scope and column)):
+            raise InvalidCiphertextError(
+                "value does not belong to this key", key_version=self.key_version
+            )
         try:
             if algorithm == ALG_RANDOMIZED:
                 salt_end = HEADER_SIZE + SALT_SIZE

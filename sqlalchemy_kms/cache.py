@@ -52,7 +52,7 @@ class KeyCache(Generic[V]):
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
-        if max_age <= 0:
+        if not max_age > 0:  # also refuses NaN
             raise ValueError("max_age must be positive")
         self.max_entries = max_entries
         self.max_age = float(max_age)

@@ -9,6 +9,7 @@ catches everything the library refuses or fails at::
     │   └── KeyTableMissingError      the key table does not exist yet
     ├── EncryptionError               a value could not be encrypted
     │   └── ValueTooLongError         longer than the declared String(n) / LargeBinary(n)
+    ├── UnsupportedQueryError         an operator encryption cannot answer
     ├── DecryptionError               "this stored value is invalid"
     │   ├── InvalidCiphertextError    tampered, truncated, moved to another column, not ours
     │   └── UnknownKeyVersionError    the key id in the value is not in the key table
@@ -36,6 +37,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ConfigurationError",
     "DecryptionError",
@@ -50,6 +53,7 @@ __all__ = [
     "KeyTableMissingError",
     "SQLAlchemyKMSError",
     "UnknownKeyVersionError",
+    "UnsupportedQueryError",
     "ValueTooLongError",
     "VaultNotFoundError",
 ]
@@ -130,6 +134,24 @@ class EncryptionError(SQLAlchemyKMSError):
 
 class ValueTooLongError(EncryptionError, ValueError):
     """The value is longer than the length declared on the inner type."""
+
+
+class UnsupportedQueryError(SQLAlchemyKMSError):
+    """A query asks the database for something it cannot compute on ciphertext.
+
+    Raised when the expression is built (``User.name.like("%kim%")``), never
+    by returning wrong or empty results. ``operator`` names the operator.
+    """
+
+    def __init__(self, message: str, *, operator: str | None = None, **kwargs: Any) -> None:
+        self.operator = operator
+        super().__init__(message, **kwargs)
+
+    def _render(self) -> str:
+        operator = f"operator {self.operator!r}" if self.operator else "this operator"
+        return f"{_where(self.table, self.column)} is encrypted: {operator} cannot work on it. " + (
+            self.reason
+        )
 
 
 class DecryptionError(SQLAlchemyKMSError):

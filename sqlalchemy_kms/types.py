@@ -31,12 +31,16 @@ table and column when it is attached, and binds every ciphertext to them.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import Column, Table, event
+from sqlalchemy import Column, Table, bindparam, event
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect, Engine, ExceptionContext
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BinaryExpression, ColumnElement
 
 from ._codecs import Codec, codec_for
 from ._format import MAX_OVERHEAD, column_aad
@@ -46,11 +50,72 @@ from .errors import (
     InvalidCiphertextError,
     KeyTableMissingError,
     SQLAlchemyKMSError,
+    UnsupportedQueryError,
     VaultNotFoundError,
 )
 from .vault import table_scope, vault_for
 
 __all__ = ["KMSEncrypted"]
+
+#: Key versions of one search key an equality query can match at once. Each
+#: ``==``/``in_()`` on a deterministic column binds this many values per
+#: operand, one for each enabled search key version (unused ones match nothing).
+SEARCH_SLOTS = 4
+
+_EQUALITY = {operators.eq: False, operators.ne: True}
+_MEMBERSHIP = {operators.in_op: False, operators.not_in_op: True}
+_NULL_TESTS = {operators.is_, operators.is_not}
+_NEVER_STORED = b""  # no stored value is empty: matches nothing, even under NOT IN
+
+_RANDOMIZED_HINT = (
+    "Only IS NULL / IS NOT NULL work on a randomized column; for equality use "
+    "KMSEncrypted(..., deterministic=True). Ranges, patterns and ordering cannot work on "
+    "encrypted columns."
+)
+_DETERMINISTIC_HINT = (
+    "Deterministic columns support ==, !=, in_(), not_in(), is_(None) and is_not(None) with "
+    "Python values. Ranges, patterns, ordering and comparisons with other columns cannot work "
+    "on encrypted columns."
+)
+
+
+_COLUMN_COMPARISON_HINT = (
+    "An encrypted column can be compared only with Python values: each column has its own "
+    "key, so it cannot be joined or compared with another column."
+)
+
+
+def _is_sql_expression(value: Any) -> bool:
+    return isinstance(value, (ColumnElement, operators.ColumnOperators)) or hasattr(
+        value, "__clause_element__"
+    )
+
+
+class _ColumnComparison(BinaryExpression[Any]):
+    """``encrypted_column == other_expression``: fine as a Python truth test, refused as SQL."""
+
+    inherit_cache = True
+
+
+@compiles(_ColumnComparison)
+def _refuse_column_comparison(element: _ColumnComparison, compiler: Any, **kw: Any) -> str:
+    for side in (element.left, element.right):
+        column_type = getattr(side, "type", None)
+        if isinstance(column_type, KMSEncrypted):
+            binding = column_type._binding
+            raise UnsupportedQueryError(
+                _COLUMN_COMPARISON_HINT,
+                operator=_operator_name(element.operator),
+                table=binding.scope if binding else None,
+                column=binding.column if binding else None,
+            )
+    raise UnsupportedQueryError(_COLUMN_COMPARISON_HINT, operator="eq")
+
+
+def _operator_name(op: Any) -> str:
+    name = str(getattr(op, "__name__", op))
+    return name.removesuffix("_op")
+
 
 # VARBINARY up to this size on MySQL/MariaDB (indexable, inside the row); BLOBs beyond.
 _MYSQL_VARBINARY_MAX = 8192
@@ -75,6 +140,61 @@ def _with_context(error: SQLAlchemyKMSError, binding: _Binding | None) -> SQLAlc
     return error
 
 
+class _EncryptedComparator(sqltypes.TypeDecorator.Comparator[Any]):
+    """Lets through what encryption can answer and refuses the rest when built."""
+
+    __slots__ = ()
+
+    def _refuse(self, op: Any, hint: str | None = None) -> UnsupportedQueryError:
+        column_type: KMSEncrypted = self.type  # type: ignore[assignment]
+        binding = column_type._binding
+        if hint is None:
+            hint = _DETERMINISTIC_HINT if column_type.deterministic else _RANDOMIZED_HINT
+        return UnsupportedQueryError(
+            hint,
+            operator=_operator_name(op),
+            table=binding.scope if binding else None,
+            column=binding.column if binding else getattr(self.expr, "key", None),
+        )
+
+    def operate(self, op: Any, *other: Any, **kwargs: Any) -> ColumnElement[Any]:
+        column_type: KMSEncrypted = self.type  # type: ignore[assignment]
+        if op in _NULL_TESTS or (op in _EQUALITY and other and other[0] is None):
+            return super().operate(op, *other, **kwargs)
+        if op in _EQUALITY and _is_sql_expression(other[0]):
+            # Built, because SQLAlchemy itself compares columns with == (and only
+            # asks the result for truth); refused when compiled into SQL.
+            comparison = super().operate(op, *other, **kwargs)
+            comparison.__class__ = _ColumnComparison
+            return comparison
+        if column_type.deterministic:
+            if op in _EQUALITY:
+                return self._match(op, [other[0]], negate=_EQUALITY[op])
+            if op in _MEMBERSHIP:
+                return self._match(op, other[0], negate=_MEMBERSHIP[op])
+            if op is operators.distinct_op:
+                return super().operate(op, *other, **kwargs)
+        raise self._refuse(op)
+
+    def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> ColumnElement[Any]:
+        raise self._refuse(op)
+
+    def _match(self, op: Any, values: Any, *, negate: bool) -> ColumnElement[Any]:
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise self._refuse(
+                op,
+                "On a deterministic column in_() takes a list of Python values, "
+                "not a subquery or a string.",
+            )
+        values = list(values)
+        if any(_is_sql_expression(value) for value in values):
+            raise self._refuse(op, _COLUMN_COMPARISON_HINT)
+        column_type: KMSEncrypted = self.type  # type: ignore[assignment]
+        terms = [(value, slot) for value in values for slot in range(SEARCH_SLOTS)]
+        param = bindparam(None, terms, type_=_SearchTerm(column_type), expanding=True, unique=True)
+        return super().operate(operators.not_in_op if negate else operators.in_op, param)
+
+
 class KMSEncrypted(sqltypes.TypeDecorator[Any]):
     """Encrypts the values of ``inner_type`` with the table's KMS-wrapped data key.
 
@@ -96,17 +216,20 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
 
     impl = sqltypes.LargeBinary
     cache_ok = True
+    comparator_factory = _EncryptedComparator
 
     def __init__(
         self,
         inner_type: sqltypes.TypeEngine[Any] | type[sqltypes.TypeEngine[Any]],
         deterministic: bool = False,
+        normalize: Callable[[Any], Any] | None = None,
     ) -> None:
         inner = sqltypes.to_instance(inner_type)
         if isinstance(inner, KMSEncrypted):
             raise ConfigurationError("KMSEncrypted cannot wrap another KMSEncrypted")
         self.inner_type = inner
         self.deterministic = bool(deterministic)
+        self.normalize = normalize
         self._codec: Codec = codec_for(inner)
         self._binding: _Binding | None = None
         self._column: Column[Any] | None = None
@@ -114,6 +237,8 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
 
     def __repr__(self) -> str:
         extra = ", deterministic=True" if self.deterministic else ""
+        if self.normalize is not None:
+            extra += f", normalize={getattr(self.normalize, '__qualname__', self.normalize)}"
         return f"KMSEncrypted({self.inner_type!r}{extra})"
 
     @property
@@ -192,6 +317,8 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         try:
             vault = self._vault(dialect)
             assert binding is not None
+            if self.normalize is not None:
+                value = self.normalize(value)
             plaintext = self._codec.encode(value)
             if self.deterministic:
                 return vault.encrypt_deterministic(  # type: ignore[no-any-return]
@@ -226,6 +353,49 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
                 table=binding.scope,
                 column=binding.column,
             ) from None
+
+
+class _SearchTerm(sqltypes.TypeDecorator[Any]):
+    """Bind type of an equality operand: ``(value, slot)`` becomes the stored form of
+    ``value`` under the enabled search key number ``slot`` (newest first)."""
+
+    impl = sqltypes.LargeBinary
+    cache_ok = True
+
+    def __init__(self, column_type: KMSEncrypted) -> None:
+        self.column_type = column_type
+        super().__init__()
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | None:
+        plain, slot = value
+        if plain is None:
+            return None
+        column_type = self.column_type
+        binding = column_type._binding
+        try:
+            vault = column_type._vault(dialect)
+            assert binding is not None
+            if column_type.normalize is not None:
+                plain = column_type.normalize(plain)
+            ciphers = vault._search_ciphers(binding.scope)
+            if len(ciphers) > SEARCH_SLOTS:
+                raise UnsupportedQueryError(
+                    f"{len(ciphers)} search key versions are enabled and equality can match at "
+                    f"most {SEARCH_SLOTS} at once; finish re-encrypting the table and retire "
+                    "old search key versions",
+                    operator="eq",
+                    table=binding.scope,
+                    column=binding.column,
+                )
+            if slot >= len(ciphers):
+                return _NEVER_STORED
+            plaintext = column_type._codec.encode(plain)
+            token: bytes = ciphers[slot].encrypt_deterministic(
+                plaintext, binding.scope, binding.column, binding.aad
+            )
+            return token
+        except SQLAlchemyKMSError as error:
+            raise _with_context(error, binding) from None
 
 
 def _make_key_for_new_table(table: Table, connection: Any, **kw: Any) -> None:

@@ -62,13 +62,14 @@ from sqlalchemy import (
     and_,
     event,
     exc,
+    func,
     inspect,
     select,
 )
 from sqlalchemy.engine import Connection, Dialect, Engine
 
 from ._cipher import DataKeyCipher
-from ._format import parse_header
+from ._format import ALG_RANDOMIZED, parse_header
 from .cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
 from .errors import KeyTableMissingError, UnknownKeyVersionError
 from .providers.base import KeyProvider, encryption_context
@@ -79,6 +80,14 @@ __all__ = ["DEFAULT_KEY_TABLE", "DEFAULT_REFRESH_INTERVAL", "KeyVault", "key_tab
 DEFAULT_KEY_TABLE: Final = "kms_data_keys"
 #: Seconds after which a vault checks the key table again for a newer active key.
 DEFAULT_REFRESH_INTERVAL: Final = 60.0
+
+#: Purpose of the keys that encrypt randomized values.
+DATA: Final = "data"
+#: Purpose of the keys that encrypt deterministic (searchable) values.
+SEARCH: Final = "search"
+
+#: A table's keys of one purpose: ``(scope, purpose)``.
+KeyRing = tuple[str, str]
 
 _VAULT_ATTR: Final = "_sqlalchemy_kms_vault"
 _PENDING_INFO: Final = "sqlalchemy_kms.pending"
@@ -97,6 +106,7 @@ def key_table(
         name,
         metadata,
         Column("scope", String(255), primary_key=True),
+        Column("purpose", String(16), primary_key=True),
         Column("key_version", Integer, primary_key=True, autoincrement=False),
         Column("state", String(16), nullable=False),
         Column("provider", String(32), nullable=False),
@@ -187,9 +197,10 @@ class KeyVault:
         self.table = key_table(self.metadata, table_name, schema)
         self.cache: KeyCache[DataKeyCipher] = KeyCache(cache_max_entries, cache_max_age)
         self.refresh_interval = float(refresh_interval)
-        self._active: dict[str, tuple[DataKeyCipher, float]] = {}
+        self._active: dict[KeyRing, tuple[DataKeyCipher, float]] = {}
+        self._search: dict[str, tuple[list[DataKeyCipher], float]] = {}
         self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[KeyRing, threading.Lock] = {}
         self._shares_writer = sync_engine.dialect.name == "sqlite"
         self._bind()
 
@@ -225,6 +236,7 @@ class KeyVault:
         """Forget every unwrapped key; the next use asks the provider again."""
         with self._guard:
             self._active.clear()
+            self._search.clear()
         self.cache.clear()
 
     # -- key table -----------------------------------------------------------
@@ -245,20 +257,22 @@ class KeyVault:
     def _missing_table(self, error: Exception) -> Exception:
         if self._key_table_exists():
             return error
-        missing = KeyTableMissingError(
+        return KeyTableMissingError(
             f"the key table {self.table.fullname} does not exist; call vault.create_table() "
             "or run the migration that creates it"
         )
-        return missing
 
     def create_key(self, table: Table | str) -> int:
         """Make sure ``table`` has an active data key, making one if needed.
 
-        Returns the active key version. Use it to make keys ahead of time,
-        for example in a deployment step.
+        Returns the active data key version. Given a :class:`~sqlalchemy.Table`
+        with deterministic columns, its search key is made too. Use it to make
+        keys ahead of time, for example in a deployment step.
         """
-        scope = table_scope(table) if isinstance(table, Table) else table
-        return self._active_cipher(scope).key_version
+        scope = _scope_of(table)
+        if isinstance(table, Table) and _has_deterministic_columns(table):
+            self._active_cipher(scope, SEARCH)
+        return self._active_cipher(scope, DATA).key_version
 
     def create_keys(self, metadata: MetaData) -> dict[str, int]:
         """:meth:`create_key` for every table of ``metadata`` that has encrypted columns."""
@@ -270,9 +284,44 @@ class KeyVault:
                 versions[table_scope(table)] = self.create_key(table)
         return versions
 
-    def active_key_version(self, table: Table | str) -> int:
-        """The version of the key new values of ``table`` are encrypted with."""
-        return self.create_key(table)
+    def active_key_version(self, table: Table | str, *, search: bool = False) -> int:
+        """The version of the data key (or search key) new values of ``table`` use."""
+        return self._active_cipher(_scope_of(table), SEARCH if search else DATA).key_version
+
+    def rotate_key(self, table: Table | str, *, search: bool = False) -> int:
+        """Make a new active data key (or, with ``search=True``, search key) for ``table``.
+
+        New values are encrypted with the new version at once, in this
+        process, and in other processes within ``refresh_interval``; values
+        under older versions stay readable. Returns the new version.
+
+        The search key encrypts deterministic columns. Rotating the data key
+        leaves it alone, so equality lookups and unique indexes on
+        deterministic columns are unaffected by ordinary rotation.
+        """
+        ring = (_scope_of(table), SEARCH if search else DATA)
+        with self._lock(ring):
+            while True:
+                with self.engine.connect() as conn:
+                    newest = conn.execute(
+                        select(func.max(self.table.c.key_version)).where(self._ring_filter(ring))
+                    ).scalar()
+                cipher = self._insert_committed(ring, (newest or 0) + 1)
+                if cipher is not None:
+                    break
+            self._forget_ring(ring)
+            return cipher.key_version
+
+    def _forget_ring(self, ring: KeyRing) -> None:
+        with self._guard:
+            self._active.pop(ring, None)
+            self._search.pop(ring[0], None)
+
+    def key_versions(self, table: Table | str, *, search: bool = False) -> list[int]:
+        """Enabled key versions of ``table``, newest first."""
+        ring = (_scope_of(table), SEARCH if search else DATA)
+        with self.engine.connect() as conn:
+            return [row.version for row in self._select_enabled(conn, ring)]
 
     def stats(self) -> dict[str, int]:
         """Counters for metrics: cache entries, hits, misses and provider calls."""
@@ -303,39 +352,54 @@ class KeyVault:
         return conn
 
     @contextmanager
-    def _reading(self) -> Iterator[tuple[Connection, bool]]:
+    def _reading(self) -> Iterator[Connection]:
         shared = self._shared_connection()
         if shared is not None:
-            yield shared, True
+            yield shared
             return
         with self.engine.connect() as conn:
-            yield conn, False
+            yield conn
 
-    def _lock(self, name: str) -> threading.Lock:
+    def _lock(self, ring: KeyRing) -> threading.Lock:
         with self._guard:
-            return self._locks.setdefault(name, threading.Lock())
+            return self._locks.setdefault(ring, threading.Lock())
 
-    def _select(self, conn: Connection, scope: str, version: int | None) -> _KeyRow | None:
-        keys = self.table
-        query = select(keys.c.key_version, keys.c.wrapped_key, keys.c.master_key_id)
-        if version is None:
-            query = query.where(and_(keys.c.scope == scope, keys.c.state == "enabled"))
-            query = query.order_by(keys.c.key_version.desc()).limit(1)
-        else:
-            query = query.where(and_(keys.c.scope == scope, keys.c.key_version == version))
+    # -- key rows ------------------------------------------------------------
+
+    def _ring_filter(self, ring: KeyRing) -> Any:
+        keys = self.table.c
+        return and_(keys.scope == ring[0], keys.purpose == ring[1])
+
+    def _run(self, conn: Connection, query: Any) -> list[_KeyRow]:
         try:
-            row = conn.execute(query).first()
+            rows = conn.execute(query).all()
         except exc.DBAPIError as error:
             raise self._missing_table(error) from error
-        if row is None:
-            return None
-        return _KeyRow(row[0], bytes(row[1]), row[2])
+        return [_KeyRow(row[0], bytes(row[1]), row[2]) for row in rows]
 
-    def _insert(self, conn: Connection, scope: str, version: int) -> DataKeyCipher:
-        generated = self.provider.generate_data_key(encryption_context(scope, version))
+    def _select_enabled(self, conn: Connection, ring: KeyRing) -> list[_KeyRow]:
+        keys = self.table.c
+        query = (
+            select(keys.key_version, keys.wrapped_key, keys.master_key_id)
+            .where(self._ring_filter(ring), keys.state == "enabled")
+            .order_by(keys.key_version.desc())
+        )
+        return self._run(conn, query)
+
+    def _select_version(self, conn: Connection, ring: KeyRing, version: int) -> _KeyRow | None:
+        keys = self.table.c
+        query = select(keys.key_version, keys.wrapped_key, keys.master_key_id).where(
+            self._ring_filter(ring), keys.key_version == version
+        )
+        rows = self._run(conn, query)
+        return rows[0] if rows else None
+
+    def _insert(self, conn: Connection, ring: KeyRing, version: int) -> DataKeyCipher:
+        generated = self.provider.generate_data_key(encryption_context(*ring, version))
         conn.execute(
             self.table.insert().values(
-                scope=scope,
+                scope=ring[0],
+                purpose=ring[1],
                 key_version=version,
                 state="enabled",
                 provider=self.provider.name,
@@ -346,121 +410,167 @@ class KeyVault:
         )
         return DataKeyCipher(generated.plaintext, version)
 
-    def _insert_committed(self, scope: str, version: int) -> DataKeyCipher | None:
+    def _insert_committed(self, ring: KeyRing, version: int) -> DataKeyCipher | None:
         """Make and commit a key in its own transaction; ``None`` if another process won."""
         try:
             with self.engine.begin() as conn:
-                cipher = self._insert(conn, scope, version)
+                cipher = self._insert(conn, ring, version)
         except exc.IntegrityError:
             return None
         except exc.DBAPIError as error:
             raise self._missing_table(error) from error
-        self.cache.put((scope, version), cipher)
+        self.cache.put((*ring, version), cipher)
         return cipher
 
-    def _unwrap(self, scope: str, row: _KeyRow) -> DataKeyCipher:
+    def _unwrap(self, ring: KeyRing, row: _KeyRow) -> DataKeyCipher:
         plaintext = self.provider.unwrap(
-            row.wrapped, encryption_context(scope, row.version), row.master_key_id
+            row.wrapped, encryption_context(*ring, row.version), row.master_key_id
         )
         return DataKeyCipher(plaintext, row.version)
 
-    # -- active key ----------------------------------------------------------
+    def _cipher_for_row(self, ring: KeyRing, row: _KeyRow) -> DataKeyCipher:
+        return self.cache.get_or_load((*ring, row.version), lambda: self._unwrap(ring, row))
 
-    def _active_cipher(self, scope: str) -> DataKeyCipher:
-        entry = self._active.get(scope)
+    # -- active keys ---------------------------------------------------------
+
+    def _active_cipher(self, scope: str, purpose: str) -> DataKeyCipher:
+        ring = (scope, purpose)
+        entry = self._active.get(ring)
         if entry is not None and time.monotonic() < entry[1]:
             return entry[0]
-        with self._lock("active:" + scope):
-            entry = self._active.get(scope)
+        with self._lock(ring):
+            entry = self._active.get(ring)
             if entry is not None and time.monotonic() < entry[1]:
                 return entry[0]
             shared = self._shared_connection()
             if shared is not None:
-                return self._active_in_transaction(shared, scope)
-            with self.engine.connect() as conn:
-                row = self._select(conn, scope, None)
-            if row is None:
-                cipher = self._insert_committed(scope, 1)
-                if cipher is None:  # lost the race: read the winner's key
-                    with self.engine.connect() as conn:
-                        row = self._select(conn, scope, None)
-                    if row is None:
-                        raise UnknownKeyVersionError(
-                            "the key table refused a new key but holds none", table=scope
-                        )
-            if row is not None:
-                cipher = self.cache.get_or_load(
-                    (scope, row.version), lambda: self._unwrap(scope, row)
-                )
-            assert cipher is not None
+                return self._active_in_transaction(shared, ring)
+            cipher = self._load_or_make_active(ring)
             expires = min(
                 time.monotonic() + self.refresh_interval,
-                self.cache.expires_at((scope, cipher.key_version)),
+                self.cache.expires_at((*ring, cipher.key_version)),
             )
-            self._active[scope] = (cipher, expires)
+            self._active[ring] = (cipher, expires)
             return cipher
+
+    def _load_or_make_active(self, ring: KeyRing) -> DataKeyCipher:
+        with self.engine.connect() as conn:
+            rows = self._select_enabled(conn, ring)
+        if rows:
+            return self._cipher_for_row(ring, rows[0])
+        made = self._insert_committed(ring, 1)
+        if made is not None:
+            return made
+        with self.engine.connect() as conn:  # lost the race: read the winner's key
+            rows = self._select_enabled(conn, ring)
+        if not rows:
+            raise UnknownKeyVersionError(
+                "the key table refused a new key but holds no enabled one", table=ring[0]
+            )
+        return self._cipher_for_row(ring, rows[0])
 
     def _pending(self, conn: Connection) -> dict[Any, DataKeyCipher]:
         pending: dict[Any, DataKeyCipher] = conn.info.setdefault(_PENDING_INFO, {})
         return pending
 
-    def _active_in_transaction(self, conn: Connection, scope: str) -> DataKeyCipher:
+    def _active_in_transaction(self, conn: Connection, ring: KeyRing) -> DataKeyCipher:
         """SQLite, inside a write transaction: read or make the key on that connection."""
         pending = self._pending(conn)
-        cipher = pending.get(scope)
+        cipher = pending.get(ring)
         if cipher is not None:
             return cipher
-        row = self._select(conn, scope, None)
-        if row is not None:
-            return self.cache.get_or_load((scope, row.version), lambda: self._unwrap(scope, row))
-        cipher = self._insert(conn, scope, 1)
+        rows = self._select_enabled(conn, ring)
+        if rows:
+            return self._cipher_for_row(ring, rows[0])
+        cipher = self._insert(conn, ring, 1)
         # usable by this transaction only, until it commits
-        pending[scope] = pending[(scope, cipher.key_version)] = cipher
+        pending[ring] = pending[(*ring, cipher.key_version)] = cipher
         return cipher
+
+    def _search_ciphers(self, scope: str) -> list[DataKeyCipher]:
+        """Every enabled search key of ``scope``, newest first (refreshed like the active key)."""
+        entry = self._search.get(scope)
+        if entry is not None and time.monotonic() < entry[1]:
+            return entry[0]
+        ring = (scope, SEARCH)
+        newest = self._active_cipher(scope, SEARCH)  # makes the first search key if needed
+        shared = self._shared_connection()
+        if shared is not None and self._pending(shared).get(ring) is newest:
+            return [newest]
+        with self._reading() as conn:
+            rows = self._select_enabled(conn, ring)
+        ciphers = [self._cipher_for_row(ring, row) for row in rows] or [newest]
+        expires = min(
+            [time.monotonic() + self.refresh_interval]
+            + [self.cache.expires_at((*ring, c.key_version)) for c in ciphers]
+        )
+        if shared is None:
+            self._search[scope] = (ciphers, expires)
+        return ciphers
 
     # -- keys by version -----------------------------------------------------
 
-    def _cipher(self, scope: str, version: int) -> DataKeyCipher:
-        cipher = self.cache.get((scope, version))
+    def _cipher(self, ring: KeyRing, version: int) -> DataKeyCipher:
+        key = (*ring, version)
+        cipher = self.cache.get(key)
         if cipher is not None:
             return cipher
         shared = self._shared_connection()
         if shared is not None:
-            cipher = self._pending(shared).get((scope, version))
+            cipher = self._pending(shared).get(key)
             if cipher is not None:
                 return cipher
 
         def load() -> DataKeyCipher:
-            with self._reading() as (conn, _):
-                row = self._select(conn, scope, version)
+            with self._reading() as conn:
+                row = self._select_version(conn, ring, version)
             if row is None:
                 raise UnknownKeyVersionError(
-                    "the key table holds no such key version", table=scope, key_version=version
+                    "the key table holds no such key version", table=ring[0], key_version=version
                 )
-            return self._unwrap(scope, row)
+            if ring[1] == SEARCH:  # a search key this process has not seen: refresh the list
+                with self._guard:
+                    self._search.pop(ring[0], None)
+            return self._unwrap(ring, row)
 
-        return self.cache.get_or_load((scope, version), load)
+        return self.cache.get_or_load(key, load)
 
     # -- values (the hot path) -------------------------------------------------
 
     def encrypt(self, scope: str, aad: bytes, plaintext: bytes) -> bytes:
         """Encrypt one value of the column bound by ``aad`` (randomized)."""
-        entry = self._active.get(scope)
+        entry = self._active.get((scope, DATA))
         if entry is not None and time.monotonic() < entry[1]:
             return entry[0].encrypt(plaintext, aad)
-        return self._active_cipher(scope).encrypt(plaintext, aad)
+        return self._active_cipher(scope, DATA).encrypt(plaintext, aad)
 
     def encrypt_deterministic(self, scope: str, column: str, aad: bytes, plaintext: bytes) -> bytes:
-        """Encrypt one value of a deterministic column."""
-        entry = self._active.get(scope)
+        """Encrypt one value of a deterministic column under the active search key."""
+        entry = self._active.get((scope, SEARCH))
         if entry is not None and time.monotonic() < entry[1]:
             cipher = entry[0]
         else:
-            cipher = self._active_cipher(scope)
+            cipher = self._active_cipher(scope, SEARCH)
         return cipher.encrypt_deterministic(plaintext, scope, column, aad)
+
+    def search_tokens(self, scope: str, column: str, aad: bytes, plaintext: bytes) -> list[bytes]:
+        """The stored forms ``plaintext`` has under every enabled search key, newest first."""
+        return [
+            cipher.encrypt_deterministic(plaintext, scope, column, aad)
+            for cipher in self._search_ciphers(scope)
+        ]
 
     def decrypt(self, scope: str, column: str, aad: bytes, stored: bytes) -> bytes:
         """Decrypt one stored value of the column bound by ``aad``."""
         algorithm, version = parse_header(stored)
-        cipher = self.cache.get((scope, version)) or self._cipher(scope, version)
+        ring = (scope, DATA if algorithm == ALG_RANDOMIZED else SEARCH)
+        cipher = self.cache.get((*ring, version)) or self._cipher(ring, version)
         return cipher.decrypt(stored, aad, algorithm=algorithm, scope=scope, column=column)
+
+
+def _scope_of(table: Table | str) -> str:
+    return table_scope(table) if isinstance(table, Table) else table
+
+
+def _has_deterministic_columns(table: Table) -> bool:
+    return any(getattr(column.type, "deterministic", False) for column in table.columns)

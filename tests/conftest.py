@@ -62,6 +62,8 @@ def _server_problem(name: str) -> str | None:
             with engine.connect():
                 pass
             _reachable[name] = None
+            # the test database belongs to the suite: start from an empty one
+            drop_new_tables(engine, set())
         except Exception as exc:  # any failure to connect means "not reachable"
             _reachable[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         finally:
@@ -87,8 +89,8 @@ def drop_new_tables(engine: Engine, before: set[str]) -> None:
     metadata = MetaData()
     names = set(inspect(engine).get_table_names()) - before
     if names:
-        metadata.reflect(engine, only=sorted(names))
-        metadata.drop_all(engine)
+        metadata.reflect(engine, only=lambda name, _: name in names)
+        metadata.drop_all(engine, checkfirst=True)
 
 
 @pytest.fixture(params=DATABASES)

@@ -388,7 +388,7 @@ def test_reprs_and_errors_hold_no_secrets(engine: Engine, vault: KeyVault) -> No
     metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(patients.insert().values(id=1, name="Kim Minji", phone="010"))
-    cipher = vault.cache.get(("patients", 1))
+    cipher = vault.cache.get(("patients", "data", 1))
     assert cipher is not None
     secret = cipher._data_key
     shown = " ".join(

@@ -94,7 +94,7 @@ class AwsKms(KeyProvider):
             config = Config(
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
-                retries={"mode": retry_mode, "max_attempts": max_attempts},  # type: ignore[arg-type]
+                retries={"mode": retry_mode, "total_max_attempts": max_attempts},  # type: ignore[arg-type]
             )
             client = session.client("kms", endpoint_url=endpoint_url, config=config)
         self.client: KMSClient = client

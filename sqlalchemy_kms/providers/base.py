@@ -8,6 +8,8 @@ key policies can test them). sqlalchemy-kms always sends::
 
     {"table": "<schema.>table", "key_version": "<n>"}
 
+and, for the search keys of deterministic columns, ``"purpose": "search"`` too.
+
 Writing a provider means implementing :meth:`KeyProvider.generate_data_key`
 and :meth:`KeyProvider.unwrap`. Example of a use::
 
@@ -31,9 +33,21 @@ from collections.abc import Mapping
 __all__ = ["GeneratedDataKey", "KeyProvider", "encryption_context"]
 
 
-def encryption_context(scope: str, key_version: int) -> dict[str, str]:
-    """The encryption context sqlalchemy-kms sends for one table's key version."""
-    return {"table": scope, "key_version": str(key_version)}
+def encryption_context(scope: str, purpose: str, key_version: int) -> dict[str, str]:
+    """The encryption context sqlalchemy-kms sends for one key of a table.
+
+    Data keys get ``{"table": scope, "key_version": "N"}``; search keys (for
+    deterministic columns) add ``"purpose": "search"``.
+
+    >>> encryption_context("patients", "data", 1)
+    {'table': 'patients', 'key_version': '1'}
+    >>> encryption_context("patients", "search", 1)
+    {'table': 'patients', 'key_version': '1', 'purpose': 'search'}
+    """
+    context = {"table": scope, "key_version": str(key_version)}
+    if purpose != "data":
+        context["purpose"] = purpose
+    return context
 
 
 class GeneratedDataKey:
