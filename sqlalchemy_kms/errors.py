@@ -90,6 +90,8 @@ class SQLAlchemyKMSError(Exception):
         super().__init__(self._render())
 
     def _render(self) -> str:
+        if self.table or self.column:
+            return f"{self.reason} ({_where(self.table, self.column)})"
         return self.reason
 
     def __reduce__(self) -> tuple[object, ...]:  # keep attributes across pickling
@@ -184,7 +186,9 @@ class KMSError(SQLAlchemyKMSError):
             parts.append(f"KMS {self.operation} failed")
         else:
             parts.append("KMS call failed")
-        if self.table:
+        if self.table and self.column:
+            parts.append(f"for column {self.table}.{self.column}")
+        elif self.table:
             parts.append(f"for table {self.table}")
         if self.key_version is not None:
             parts.append(f"key version {self.key_version}")

@@ -201,8 +201,21 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
     :param inner_type: the type the column would have without encryption
         (``String(200)``, ``Integer``, ``JSON``, ...), class or instance.
     :param deterministic: ``False`` (default) encrypts each value with a
-        fresh nonce; equal values look different. Deterministic encryption
-        is for columns that must be searched by equality.
+        fresh nonce under the table's data key; equal values look different
+        and the column supports only ``IS NULL`` tests. ``True`` encrypts with
+        AES-SIV under the table's search key, so equal values in this column
+        are stored equal: ``==``, ``!=``, ``in_()``, ``not_in()``, unique
+        constraints and indexes work, at the price of revealing which rows
+        share a value.
+    :param normalize: a function applied to every value before it is
+        encrypted and to every value it is compared with (for example
+        ``str.lower`` for case-insensitive e-mail addresses). What is read
+        back is the normalized value.
+
+    Operators encryption cannot answer (``like``, ``<``, ``between``,
+    ``asc()``, ``==`` on a randomized column, ...) raise
+    :class:`~sqlalchemy_kms.errors.UnsupportedQueryError` when the
+    expression is built.
 
     Example::
 
@@ -212,6 +225,10 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         ...                  Column("name", KMSEncrypted(String(200))))
         >>> patients.c.name.type
         KMSEncrypted(String(length=200))
+        >>> patients.c.name.like("%kim%")
+        Traceback (most recent call last):
+        ...
+        sqlalchemy_kms.errors.UnsupportedQueryError: patients.name is encrypted: operator 'like' ...
     """
 
     impl = sqltypes.LargeBinary
@@ -399,12 +416,12 @@ class _SearchTerm(sqltypes.TypeDecorator[Any]):
 
 
 def _make_key_for_new_table(table: Table, connection: Any, **kw: Any) -> None:
-    """``after_create``: make the new table's data key ahead of its first write."""
+    """``after_create``: make the new table's keys ahead of its first write."""
     vault = vault_for(connection.dialect)
     if vault is None:
         return
     with contextlib.suppress(KeyTableMissingError):  # else made on first use
-        vault.create_key(table)
+        vault.create_keys([table])
 
 
 @event.listens_for(Engine, "handle_error")

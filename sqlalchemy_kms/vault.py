@@ -47,7 +47,7 @@ import datetime as dt
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Final, NamedTuple
 
@@ -262,27 +262,33 @@ class KeyVault:
             "or run the migration that creates it"
         )
 
-    def create_key(self, table: Table | str) -> int:
-        """Make sure ``table`` has an active data key, making one if needed.
+    def create_key(self, table: Table | str, *, search: bool = False) -> int:
+        """Make sure ``table`` has an active data key (or search key), making one if needed.
 
-        Returns the active data key version. Given a :class:`~sqlalchemy.Table`
-        with deterministic columns, its search key is made too. Use it to make
+        Returns the active version. Use it, or :meth:`create_keys`, to make
         keys ahead of time, for example in a deployment step.
         """
-        scope = _scope_of(table)
-        if isinstance(table, Table) and _has_deterministic_columns(table):
-            self._active_cipher(scope, SEARCH)
-        return self._active_cipher(scope, DATA).key_version
+        return self._active_cipher(_scope_of(table), SEARCH if search else DATA).key_version
 
-    def create_keys(self, metadata: MetaData) -> dict[str, int]:
-        """:meth:`create_key` for every table of ``metadata`` that has encrypted columns."""
-        from .types import KMSEncrypted
+    def create_keys(self, tables: MetaData | Iterable[Table]) -> dict[str, dict[str, int]]:
+        """Make the keys every encrypted table needs: a data key for randomized
+        columns, a search key for deterministic ones.
 
-        versions = {}
-        for table in metadata.sorted_tables:
-            if any(isinstance(column.type, KMSEncrypted) for column in table.columns):
-                versions[table_scope(table)] = self.create_key(table)
-        return versions
+        Returns ``{scope: {"data": version, "search": version}}`` for the
+        tables with encrypted columns. ``create_all()`` does this by itself
+        for each table it creates through an engine with a vault.
+        """
+        if isinstance(tables, MetaData):
+            tables = tables.sorted_tables
+        made: dict[str, dict[str, int]] = {}
+        for table in tables:
+            purposes = _purposes_needed(table)
+            if purposes:
+                made[table_scope(table)] = {
+                    purpose: self._active_cipher(table_scope(table), purpose).key_version
+                    for purpose in purposes
+                }
+        return made
 
     def active_key_version(self, table: Table | str, *, search: bool = False) -> int:
         """The version of the data key (or search key) new values of ``table`` use."""
@@ -572,5 +578,12 @@ def _scope_of(table: Table | str) -> str:
     return table_scope(table) if isinstance(table, Table) else table
 
 
-def _has_deterministic_columns(table: Table) -> bool:
-    return any(getattr(column.type, "deterministic", False) for column in table.columns)
+def _purposes_needed(table: Table) -> list[str]:
+    from .types import KMSEncrypted
+
+    kinds = {
+        column.type.deterministic
+        for column in table.columns
+        if isinstance(column.type, KMSEncrypted)
+    }
+    return [purpose for purpose, det in ((DATA, False), (SEARCH, True)) if det in kinds]

@@ -276,7 +276,7 @@ def test_keys_are_made_ahead_when_tables_are_created(engine: Engine, vault: KeyV
     people_tables(metadata)
     metadata.create_all(engine)
     assert [(r.scope, r.key_version) for r in key_rows(engine)] == [("patients", 1), ("visits", 1)]
-    assert vault.create_keys(metadata) == {"patients": 1, "visits": 1}
+    assert vault.create_keys(metadata) == {"patients": {"data": 1}, "visits": {"data": 1}}
     assert vault.create_key("other_table") == 1
     vault.create_table()  # idempotent
     assert len(key_rows(engine)) == 3

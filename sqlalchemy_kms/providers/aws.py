@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    NoRegionError,
+    PartialCredentialsError,
+)
 
 from ..errors import (
     KMSAccessDeniedError,
@@ -114,6 +120,8 @@ class AwsKms(KeyProvider):
             code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
             cls = _ERRORS.get(code, KMSError)
             reason = code
+        elif isinstance(exc, (NoCredentialsError, PartialCredentialsError, NoRegionError)):
+            cls, reason = KMSError, f"AWS client is not configured ({type(exc).__name__})"
         else:
             cls, reason = KMSUnavailableError, type(exc).__name__
         return cls(

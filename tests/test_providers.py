@@ -1,0 +1,717 @@
+"""Key providers: LocalKms, and AwsKms against a moto KMS server over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ClientError
+from botocore.stub import Stubber
+
+from sqlalchemy_kms import AwsKms, LocalKms
+from sqlalchemy_kms.errors import (
+    KMSAccessDeniedError,
+    KMSError,
+    KMSInvalidCiphertextError,
+    KMSKeyDisabledError,
+    KMSKeyNotFoundError,
+    KMSUnavailableError,
+    SQLAlchemyKMSError,
+)
+from sqlalchemy_kms.providers import GeneratedDataKey, KeyProvider
+from sqlalchemy_kms.providers.base import encryption_context
+
+from .conftest import REGION, kms_client
+
+CONTEXT = {"table": "patients", "key_version": "1"}
+
+
+def key_forms(key: bytes) -> list[str]:
+    """Ways a key's bytes could leak into text."""
+    return [
+        key.hex(),
+        key.hex().upper(),
+        base64.b64encode(key).decode(),
+        base64.urlsafe_b64encode(key).decode(),
+        base64.b64encode(key).decode().rstrip("="),
+        repr(key),
+    ]
+
+
+# == LocalKms ===============================================================================
+
+
+def test_encryption_context() -> None:
+    assert encryption_context("clinic.patients", "data", 7) == {
+        "table": "clinic.patients",
+        "key_version": "7",
+    }
+    assert encryption_context("clinic.patients", "search", 7) == {
+        "table": "clinic.patients",
+        "key_version": "7",
+        "purpose": "search",
+    }
+
+
+def test_local_search_context_is_bound(local_kms: LocalKms) -> None:
+    """A search key and a data key of the same table and version are not interchangeable."""
+    data = encryption_context("patients", "data", 1)
+    search = encryption_context("patients", "search", 1)
+    generated = local_kms.generate_data_key(search)
+    assert local_kms.unwrap(generated.wrapped, search, generated.master_key_id) == (
+        generated.plaintext
+    )
+    with pytest.raises(KMSInvalidCiphertextError):
+        local_kms.unwrap(generated.wrapped, data, generated.master_key_id)
+
+
+def test_local_round_trip(local_kms: LocalKms) -> None:
+    generated = local_kms.generate_data_key(CONTEXT)
+    assert isinstance(generated, GeneratedDataKey)
+    assert isinstance(local_kms, KeyProvider)
+    assert len(generated.plaintext) == 32
+    assert generated.plaintext not in generated.wrapped
+    assert generated.master_key_id == local_kms.master_key_id
+    assert local_kms.unwrap(generated.wrapped, CONTEXT, generated.master_key_id) == (
+        generated.plaintext
+    )
+
+
+def test_local_data_keys_are_fresh(local_kms: LocalKms) -> None:
+    first = local_kms.generate_data_key(CONTEXT)
+    second = local_kms.generate_data_key(CONTEXT)
+    assert first.plaintext != second.plaintext
+    assert first.wrapped != second.wrapped
+
+
+def test_local_same_key_unwraps_across_instances() -> None:
+    key = os.urandom(32)
+    generated = LocalKms(key).generate_data_key(CONTEXT)
+    other = LocalKms(key)
+    assert other.master_key_id == generated.master_key_id
+    assert other.unwrap(generated.wrapped, CONTEXT, generated.master_key_id) == (
+        generated.plaintext
+    )
+
+
+def test_local_master_key_id_depends_on_the_key() -> None:
+    assert LocalKms(os.urandom(32)).master_key_id != LocalKms(os.urandom(32)).master_key_id
+    assert LocalKms(os.urandom(32)).master_key_id.startswith("local:")
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {"table": "doctors", "key_version": "1"},
+        {"table": "patients", "key_version": "2"},
+        {"table": "other_schema.patients", "key_version": "1"},
+        {"table": "patients", "key_version": "1", "extra": "x"},
+    ],
+    ids=["other-table", "other-version", "other-schema", "extra-entry"],
+)
+def test_local_wrong_context(local_kms: LocalKms, context: dict[str, str]) -> None:
+    generated = local_kms.generate_data_key(CONTEXT)
+    with pytest.raises(KMSInvalidCiphertextError) as info:
+        local_kms.unwrap(generated.wrapped, context, generated.master_key_id)
+    err = info.value
+    assert err.table == context["table"]
+    assert err.key_version == int(context["key_version"])
+    assert err.operation == "Decrypt"
+    assert err.master_key_id == generated.master_key_id
+    assert context["table"] in str(err)
+    assert f"key version {context['key_version']}" in str(err)
+
+
+def test_local_another_master_key(local_kms: LocalKms) -> None:
+    generated = local_kms.generate_data_key(CONTEXT)
+    other = LocalKms(os.urandom(32))
+    with pytest.raises(KMSInvalidCiphertextError, match="another local master key") as info:
+        other.unwrap(generated.wrapped, CONTEXT, generated.master_key_id)
+    assert info.value.master_key_id == generated.master_key_id
+    assert info.value.table == "patients"
+    assert info.value.key_version == 1
+
+
+def _flip(data: bytes, index: int) -> bytes:
+    return data[:index] + bytes([data[index] ^ 0x01]) + data[index + 1 :]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda w: b"",
+        lambda w: w[:1],
+        lambda w: w[:20],
+        lambda w: w[: 1 + 8 + 12 + 15],
+        lambda w: w[:-1],
+        lambda w: w + b"\x00",
+        lambda w: b"\x02" + w[1:],
+        lambda w: b"\x00" + w[1:],
+        lambda w: _flip(w, 12),  # nonce
+        lambda w: _flip(w, len(w) - 1),  # tag
+        lambda w: _flip(w, 30),  # encrypted key
+        lambda w: os.urandom(len(w)),
+    ],
+    ids=[
+        "empty", "one-byte", "header-only", "one-short-of-minimum", "truncated",
+        "extended", "wrong-format-version", "zero-format-version", "nonce-flipped",
+        "tag-flipped", "body-flipped", "random",
+    ],
+)
+def test_local_damaged_wrapped_key(local_kms: LocalKms, damage: Any) -> None:
+    generated = local_kms.generate_data_key(CONTEXT)
+    with pytest.raises(KMSInvalidCiphertextError) as info:
+        local_kms.unwrap(damage(generated.wrapped), CONTEXT, generated.master_key_id)
+    assert info.value.operation == "Decrypt"
+    assert info.value.table == "patients"
+
+
+@pytest.mark.parametrize("key", [b"", bytes(16), bytes(31), bytes(33), bytes(64)])
+def test_local_wrong_key_length(key: bytes) -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        LocalKms(key)
+
+
+@pytest.mark.parametrize("key", ["x" * 32, bytearray(32), 32])
+def test_local_key_must_be_bytes(key: Any) -> None:
+    with pytest.raises(ValueError):
+        LocalKms(key)
+
+
+def test_local_exactly_one_of_key_and_key_file(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    LocalKms.generate_key_file(path)
+    with pytest.raises(ValueError, match="exactly one"):
+        LocalKms()
+    with pytest.raises(ValueError, match="exactly one"):
+        LocalKms(os.urandom(32), key_file=path)
+
+
+def test_local_key_file_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    written = LocalKms.generate_key_file(path)
+    assert isinstance(written, LocalKms)
+    key = base64.b64decode(path.read_text().strip(), validate=True)
+    assert len(key) == 32
+    assert LocalKms(key).master_key_id == written.master_key_id
+
+    for loaded in (LocalKms(key_file=path), LocalKms(key_file=str(path))):
+        assert loaded.master_key_id == written.master_key_id
+        generated = written.generate_data_key(CONTEXT)
+        assert loaded.unwrap(generated.wrapped, CONTEXT, generated.master_key_id) == (
+            generated.plaintext
+        )
+        generated = loaded.generate_data_key(CONTEXT)
+        assert written.unwrap(generated.wrapped, CONTEXT, generated.master_key_id) == (
+            generated.plaintext
+        )
+
+
+def test_local_key_files_differ(tmp_path: Path) -> None:
+    first = LocalKms.generate_key_file(tmp_path / "a.key")
+    second = LocalKms.generate_key_file(tmp_path / "b.key")
+    assert first.master_key_id != second.master_key_id
+    assert (tmp_path / "a.key").read_text() != (tmp_path / "b.key").read_text()
+
+
+def test_local_key_file_mode_is_0600(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    old_umask = os.umask(0o022)
+    try:
+        LocalKms.generate_key_file(path)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_local_key_file_is_never_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    first = LocalKms.generate_key_file(path)
+    content = path.read_text()
+    with pytest.raises(FileExistsError):
+        LocalKms.generate_key_file(path)
+    assert path.read_text() == content
+    assert LocalKms(key_file=path).master_key_id == first.master_key_id
+
+
+def test_local_key_file_does_not_follow_a_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.key"
+    link = tmp_path / "master.key"
+    link.symlink_to(target)
+    with pytest.raises(FileExistsError):
+        LocalKms.generate_key_file(link)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"\n",
+        b"this is not base64!\n",
+        b"c2hvcnQ",  # bad padding
+        b"\xff\xfe\x00garbage",
+        b"-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
+    ],
+    ids=["empty", "newline", "not-base64", "bad-padding", "binary", "pem"],
+)
+def test_local_bad_key_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "master.key"
+    path.write_bytes(content)
+    with pytest.raises(ValueError):
+        LocalKms(key_file=path)
+
+
+@pytest.mark.parametrize("length", [16, 31, 33, 64])
+def test_local_key_file_with_wrong_key_length(tmp_path: Path, length: int) -> None:
+    path = tmp_path / "master.key"
+    path.write_text(base64.b64encode(os.urandom(length)).decode() + "\n")
+    with pytest.raises(ValueError, match="32 bytes"):
+        LocalKms(key_file=path)
+
+
+def test_local_missing_key_file(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        LocalKms(key_file=tmp_path / "absent.key")
+
+
+def test_local_repr_and_id_never_show_the_key(tmp_path: Path) -> None:
+    key = os.urandom(32)
+    provider = LocalKms(key)
+    for text in (repr(provider), str(provider), provider.master_key_id):
+        for form in key_forms(key):
+            assert form not in text
+    assert provider.master_key_id in repr(provider)
+
+    path = tmp_path / "master.key"
+    from_file = LocalKms.generate_key_file(path)
+    file_key = base64.b64decode(path.read_text())
+    for text in (repr(from_file), from_file.master_key_id, repr(LocalKms(key_file=path))):
+        for form in key_forms(file_key):
+            assert form not in text
+
+
+def test_generated_data_key_repr_hides_the_plaintext(local_kms: LocalKms) -> None:
+    generated = local_kms.generate_data_key(CONTEXT)
+    text = repr(generated)
+    for form in key_forms(generated.plaintext):
+        assert form not in text
+    assert generated.master_key_id in text
+
+
+def test_local_calls_counter(local_kms: LocalKms) -> None:
+    assert local_kms.calls["GenerateDataKey"] == 0
+    assert local_kms.calls["Decrypt"] == 0
+    first = local_kms.generate_data_key(CONTEXT)
+    local_kms.generate_data_key(CONTEXT)
+    local_kms.unwrap(first.wrapped, CONTEXT, first.master_key_id)
+    with pytest.raises(KMSInvalidCiphertextError):
+        local_kms.unwrap(first.wrapped, {"table": "x", "key_version": "1"}, "local:x")
+    assert local_kms.calls["GenerateDataKey"] == 2
+    assert local_kms.calls["Decrypt"] == 2
+
+
+# == AwsKms (moto server over HTTP) =======================================================
+
+
+def alias_arn(cmk: dict[str, str]) -> str:
+    return cmk["arn"].split(":key/")[0] + ":" + cmk["alias"]
+
+
+def test_aws_generate_data_key(kms: AwsKms, kms_endpoint: str, cmk: dict[str, str]) -> None:
+    generated = kms.generate_data_key(CONTEXT)
+    assert len(generated.plaintext) == 32
+    assert generated.master_key_id == cmk["arn"]
+    assert generated.plaintext not in generated.wrapped
+
+    plain = kms_client(kms_endpoint)
+    response = plain.decrypt(
+        CiphertextBlob=generated.wrapped, KeyId=cmk["arn"], EncryptionContext=CONTEXT
+    )
+    assert response["Plaintext"] == generated.plaintext
+    assert response["KeyId"] == cmk["arn"]
+
+    assert kms.unwrap(generated.wrapped, CONTEXT, generated.master_key_id) == (
+        generated.plaintext
+    )
+    assert kms.counter.calls == {"GenerateDataKey": 1, "Decrypt": 1}  # type: ignore[attr-defined]
+    assert kms.calls == {"GenerateDataKey": 1, "Decrypt": 1}
+
+
+def test_aws_wraps_exactly_what_plain_boto3_makes(
+    kms: AwsKms, kms_endpoint: str, cmk: dict[str, str]
+) -> None:
+    """A data key made by plain boto3 unwraps through AwsKms: the stored form is the blob."""
+    plain = kms_client(kms_endpoint)
+    response = plain.generate_data_key(
+        KeyId=cmk["key_id"], KeySpec="AES_256", EncryptionContext=CONTEXT
+    )
+    assert kms.unwrap(response["CiphertextBlob"], CONTEXT, response["KeyId"]) == (
+        response["Plaintext"]
+    )
+
+
+@pytest.mark.parametrize("form", ["key_id", "arn", "alias", "alias_arn"])
+def test_aws_key_id_forms(kms_endpoint: str, cmk: dict[str, str], form: str) -> None:
+    key_id = alias_arn(cmk) if form == "alias_arn" else cmk[form]
+    provider = AwsKms(key_id, client=kms_client(kms_endpoint))
+    assert provider.master_key_id == key_id
+    generated = provider.generate_data_key(CONTEXT)
+    assert generated.master_key_id == cmk["arn"]
+    assert provider.unwrap(generated.wrapped, CONTEXT, generated.master_key_id) == (
+        generated.plaintext
+    )
+    # the configured form of the id unwraps as well
+    assert provider.unwrap(generated.wrapped, CONTEXT, key_id) == generated.plaintext
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {"table": "doctors", "key_version": "1"},
+        {"table": "patients", "key_version": "2"},
+    ],
+    ids=["other-table", "other-version"],
+)
+def test_aws_wrong_context(kms: AwsKms, context: dict[str, str]) -> None:
+    generated = kms.generate_data_key(CONTEXT)
+    with pytest.raises(KMSInvalidCiphertextError) as info:
+        kms.unwrap(generated.wrapped, context, generated.master_key_id)
+    err = info.value
+    assert err.table == context["table"]
+    assert err.key_version == int(context["key_version"])
+    assert err.master_key_id == generated.master_key_id
+    assert err.operation == "Decrypt"
+    assert isinstance(err.__cause__, ClientError)
+
+
+def test_aws_damaged_wrapped_key(kms: AwsKms) -> None:
+    generated = kms.generate_data_key(CONTEXT)
+    with pytest.raises(KMSInvalidCiphertextError):
+        kms.unwrap(generated.wrapped[:-5], CONTEXT, generated.master_key_id)
+
+
+def test_aws_unknown_master_key(kms_endpoint: str) -> None:
+    provider = AwsKms("alias/no-such-key", client=kms_client(kms_endpoint))
+    with pytest.raises(KMSKeyNotFoundError) as info:
+        provider.generate_data_key(CONTEXT)
+    assert info.value.master_key_id == "alias/no-such-key"
+    assert info.value.operation == "GenerateDataKey"
+    assert "alias/no-such-key" in str(info.value)
+
+
+def test_aws_requires_a_key_id() -> None:
+    with pytest.raises(ValueError):
+        AwsKms("", client=boto3.client("kms", region_name=REGION))
+
+
+def test_aws_repr(kms: AwsKms, cmk: dict[str, str]) -> None:
+    assert cmk["alias"] in repr(kms)
+    assert kms.master_key_id == cmk["alias"]
+
+
+# -- building the client ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """Test credentials and region only; no configuration files, profiles or endpoints."""
+    for name in (
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_KMS",
+        "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_MAX_ATTEMPTS",
+        "AWS_RETRY_MODE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    return monkeypatch
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections (bound, never listening)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+def test_aws_client_honours_endpoint_environment(
+    aws_env: pytest.MonkeyPatch, kms_endpoint: str, cmk: dict[str, str]
+) -> None:
+    aws_env.setenv("AWS_ENDPOINT_URL_KMS", kms_endpoint)
+    provider = AwsKms(cmk["arn"])
+    assert provider.client.meta.endpoint_url == kms_endpoint
+    generated = provider.generate_data_key(CONTEXT)
+    assert provider.unwrap(generated.wrapped, CONTEXT, generated.master_key_id) == (
+        generated.plaintext
+    )
+    plain = kms_client(kms_endpoint).decrypt(
+        CiphertextBlob=generated.wrapped, KeyId=cmk["arn"], EncryptionContext=CONTEXT
+    )
+    assert plain["Plaintext"] == generated.plaintext
+
+
+def test_aws_client_endpoint_url_argument(
+    aws_env: pytest.MonkeyPatch, kms_endpoint: str, cmk: dict[str, str], closed_port: int
+) -> None:
+    # the explicit argument wins over the environment
+    aws_env.setenv("AWS_ENDPOINT_URL_KMS", f"http://127.0.0.1:{closed_port}")
+    aws_env.delenv("AWS_DEFAULT_REGION")
+    provider = AwsKms(cmk["alias"], endpoint_url=kms_endpoint, region_name=REGION)
+    assert provider.client.meta.endpoint_url == kms_endpoint
+    assert provider.client.meta.region_name == REGION
+    generated = provider.generate_data_key(CONTEXT)
+    assert generated.master_key_id == cmk["arn"]
+    assert provider.unwrap(generated.wrapped, CONTEXT, generated.master_key_id) == (
+        generated.plaintext
+    )
+
+
+def test_aws_client_options(aws_env: pytest.MonkeyPatch, kms_endpoint: str) -> None:
+    provider = AwsKms(
+        "alias/x",
+        endpoint_url=kms_endpoint,
+        connect_timeout=1.5,
+        read_timeout=2.5,
+        max_attempts=4,
+        retry_mode="adaptive",
+    )
+    config = provider.client.meta.config
+    assert config.connect_timeout == 1.5
+    assert config.read_timeout == 2.5
+    assert config.retries["mode"] == "adaptive"
+
+
+def test_aws_unreachable_endpoint_fails_fast(aws_env: pytest.MonkeyPatch, closed_port: int) -> None:
+    provider = AwsKms(
+        "alias/x",
+        endpoint_url=f"http://127.0.0.1:{closed_port}",
+        connect_timeout=0.5,
+        max_attempts=1,
+    )
+    started = time.monotonic()
+    with pytest.raises(KMSUnavailableError) as info:
+        provider.generate_data_key(CONTEXT)
+    assert time.monotonic() - started < 10
+    assert info.value.operation == "GenerateDataKey"
+    assert info.value.master_key_id == "alias/x"
+    assert info.value.table == "patients"
+
+    started = time.monotonic()
+    with pytest.raises(KMSUnavailableError) as info:
+        provider.unwrap(b"\x01" * 64, CONTEXT, "arn:aws:kms:us-east-1:123456789012:key/k")
+    assert time.monotonic() - started < 10
+    assert info.value.operation == "Decrypt"
+    assert info.value.master_key_id == "arn:aws:kms:us-east-1:123456789012:key/k"
+    assert isinstance(info.value, KMSError)
+
+
+def test_aws_silent_endpoint_times_out(aws_env: pytest.MonkeyPatch) -> None:
+    """A server that accepts connections and never answers: bounded by read_timeout."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        provider = AwsKms(
+            "alias/x",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            connect_timeout=0.5,
+            read_timeout=0.5,
+            max_attempts=1,
+        )
+        started = time.monotonic()
+        with pytest.raises(KMSUnavailableError) as info:
+            provider.generate_data_key(CONTEXT)
+        assert time.monotonic() - started < 10
+    assert info.value.operation == "GenerateDataKey"
+
+
+# -- fault injection -------------------------------------------------------------------------
+
+MAPPING = [
+    ("AccessDeniedException", KMSAccessDeniedError),
+    ("DisabledException", KMSKeyDisabledError),
+    ("KMSInvalidStateException", KMSKeyDisabledError),
+    ("NotFoundException", KMSKeyNotFoundError),
+    ("InvalidCiphertextException", KMSInvalidCiphertextError),
+    ("IncorrectKeyException", KMSInvalidCiphertextError),
+    ("ThrottlingException", KMSUnavailableError),
+    ("KMSInternalException", KMSUnavailableError),
+]
+VERSION_CONTEXT = {"table": "clinic.patients", "key_version": "7"}
+
+
+def check_error(err: KMSError, cls: type[KMSError], code: str, operation: str, master: str) -> None:
+    assert type(err) is cls
+    assert isinstance(err, KMSError)
+    assert isinstance(err, SQLAlchemyKMSError)
+    assert err.operation == operation
+    assert err.table == "clinic.patients"
+    assert err.key_version == 7
+    assert err.master_key_id == master
+    text = str(err)
+    for part in (operation, "clinic.patients", "key version 7", master, code):
+        assert part in text
+    assert isinstance(err.__cause__, ClientError)
+    assert err.__cause__.response["Error"]["Code"] == code
+
+
+@pytest.mark.parametrize(("code", "cls"), MAPPING)
+def test_aws_decrypt_errors(kms: AwsKms, cmk: dict[str, str], code: str, cls: type) -> None:
+    wrapped = kms.generate_data_key(VERSION_CONTEXT).wrapped
+    with Stubber(kms.client) as stubber:
+        stubber.add_client_error(
+            "decrypt", service_error_code=code, service_message="injected", http_status_code=400
+        )
+        with pytest.raises(KMSError) as info:
+            kms.unwrap(wrapped, VERSION_CONTEXT, cmk["arn"])
+        stubber.assert_no_pending_responses()
+    check_error(info.value, cls, code, "Decrypt", cmk["arn"])
+
+
+@pytest.mark.parametrize(("code", "cls"), MAPPING)
+def test_aws_generate_errors(kms: AwsKms, cmk: dict[str, str], code: str, cls: type) -> None:
+    with Stubber(kms.client) as stubber:
+        stubber.add_client_error(
+            "generate_data_key",
+            service_error_code=code,
+            service_message="injected",
+            http_status_code=400,
+        )
+        with pytest.raises(KMSError) as info:
+            kms.generate_data_key(VERSION_CONTEXT)
+        stubber.assert_no_pending_responses()
+    check_error(info.value, cls, code, "GenerateDataKey", cmk["alias"])
+
+
+def test_aws_unknown_error_code_is_a_plain_kms_error(kms: AwsKms, cmk: dict[str, str]) -> None:
+    with Stubber(kms.client) as stubber:
+        stubber.add_client_error("decrypt", service_error_code="SomethingNewException")
+        with pytest.raises(KMSError) as info:
+            kms.unwrap(b"\x01" * 64, VERSION_CONTEXT, cmk["arn"])
+    check_error(info.value, KMSError, "SomethingNewException", "Decrypt", cmk["arn"])
+
+
+def test_aws_error_injected_by_event_handler(kms: AwsKms, cmk: dict[str, str]) -> None:
+    """A ``before-call`` handler answering for Decrypt, as a key policy denial would."""
+    wrapped = kms.generate_data_key(VERSION_CONTEXT).wrapped
+
+    def deny(**kwargs: Any) -> tuple[AWSResponse, dict[str, Any]]:
+        http = AWSResponse("https://kms.invalid/", 400, {}, _Body(b""))
+        error = {
+            "Error": {"Code": "AccessDeniedException", "Message": "not allowed"},
+            "ResponseMetadata": {"HTTPStatusCode": 400},
+        }
+        return http, error
+
+    kms.client.meta.events.register_first("before-call.kms.Decrypt", deny)
+    try:
+        with pytest.raises(KMSAccessDeniedError) as info:
+            kms.unwrap(wrapped, VERSION_CONTEXT, cmk["arn"])
+    finally:
+        kms.client.meta.events.unregister("before-call.kms.Decrypt", deny)
+    check_error(info.value, KMSAccessDeniedError, "AccessDeniedException", "Decrypt", cmk["arn"])
+    # and without the handler the same key unwraps again
+    assert len(kms.unwrap(wrapped, VERSION_CONTEXT, cmk["arn"])) == 32
+
+
+# -- retries ----------------------------------------------------------------------------------
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def stream(self, **kwargs: Any) -> Iterator[bytes]:
+        yield self._data
+
+
+class Throttler:
+    """A ``before-send`` hook: answers the first ``times`` attempts with ThrottlingException
+    (inside botocore's retry loop, so retries really happen) and counts attempts."""
+
+    def __init__(self, times: int) -> None:
+        self.times = times
+        self.attempts = 0
+
+    def __call__(self, request: Any, **kwargs: Any) -> AWSResponse | None:
+        self.attempts += 1
+        if self.attempts > self.times:
+            return None  # on to the real server
+        body = json.dumps({"__type": "ThrottlingException", "message": "Rate exceeded"})
+        return AWSResponse(
+            request.url,
+            400,
+            {"Content-Type": "application/x-amz-json-1.1"},
+            _Body(body.encode()),
+        )
+
+
+def test_aws_throttling_is_retried(
+    aws_env: pytest.MonkeyPatch, kms_endpoint: str, cmk: dict[str, str]
+) -> None:
+    provider = AwsKms(cmk["alias"], endpoint_url=kms_endpoint, max_attempts=3)
+    generate = Throttler(times=2)
+    provider.client.meta.events.register("before-send.kms.GenerateDataKey", generate)
+    generated = provider.generate_data_key(CONTEXT)
+    assert generate.attempts == 3
+    assert generated.master_key_id == cmk["arn"]
+
+    decrypt = Throttler(times=2)
+    provider.client.meta.events.register("before-send.kms.Decrypt", decrypt)
+    assert provider.unwrap(generated.wrapped, CONTEXT, generated.master_key_id) == (
+        generated.plaintext
+    )
+    assert decrypt.attempts == 3
+    assert provider.calls == {"GenerateDataKey": 1, "Decrypt": 1}
+
+
+def test_aws_throttling_after_retries(
+    aws_env: pytest.MonkeyPatch, kms_endpoint: str, cmk: dict[str, str]
+) -> None:
+    provider = AwsKms(cmk["alias"], endpoint_url=kms_endpoint, max_attempts=2)
+    decrypt = Throttler(times=100)
+    provider.client.meta.events.register("before-send.kms.Decrypt", decrypt)
+    wrapped = kms_client(kms_endpoint).generate_data_key(
+        KeyId=cmk["arn"], KeySpec="AES_256", EncryptionContext=VERSION_CONTEXT
+    )["CiphertextBlob"]
+    with pytest.raises(KMSUnavailableError) as info:
+        provider.unwrap(wrapped, VERSION_CONTEXT, cmk["arn"])
+    assert decrypt.attempts >= 2  # retried before giving up
+    assert provider.calls["Decrypt"] == 1
+    check_error(info.value, KMSUnavailableError, "ThrottlingException", "Decrypt", cmk["arn"])
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2])
+def test_aws_max_attempts_counts_every_attempt(
+    aws_env: pytest.MonkeyPatch, kms_endpoint: str, max_attempts: int
+) -> None:
+    """``max_attempts`` is the number of attempts, the first one included, as in
+    botocore's standard retry mode and ``AWS_MAX_ATTEMPTS``; 1 means no retry."""
+    provider = AwsKms("alias/x", endpoint_url=kms_endpoint, max_attempts=max_attempts)
+    generate = Throttler(times=100)
+    provider.client.meta.events.register("before-send.kms.GenerateDataKey", generate)
+    with pytest.raises(KMSUnavailableError):
+        provider.generate_data_key(CONTEXT)
+    assert generate.attempts == max_attempts, (
+        f"AwsKms(max_attempts={max_attempts}) made {generate.attempts} attempts"
+    )
