@@ -41,9 +41,14 @@ SUPPORTED_TYPES = (
 
 
 class Codec:
-    """Encoder and decoder of one inner type."""
+    """Encoder and decoder of one inner type.
 
-    __slots__ = ("decode", "encode", "max_size", "name")
+    ``legacy_text`` is the text a plaintext value of the inner type is
+    written as when a column is decrypted back to plaintext (and what
+    :meth:`from_legacy` parses when a plaintext column is encrypted).
+    """
+
+    __slots__ = ("decode", "encode", "legacy_text", "max_size", "name")
 
     def __init__(
         self,
@@ -51,11 +56,36 @@ class Codec:
         encode: Callable[[Any], bytes],
         decode: Callable[[bytes], Any],
         max_size: int | None,
+        legacy_text: Callable[[Any], bytes] | None = None,
     ) -> None:
         self.name = name
         self.encode = encode
         self.decode = decode
         self.max_size = max_size
+        self.legacy_text = legacy_text or encode
+
+    def from_legacy(self, raw: Any) -> Any:
+        """The value of a plaintext cell as the database driver returned it.
+
+        Accepts the column's old native values (``int``, ``date``, ...), its
+        text, or that text as bytes (what a text column becomes after
+        ``ALTER ... TYPE`` to binary). Raises ``ValueError`` if it cannot.
+        """
+        if isinstance(raw, (bytes, bytearray, memoryview)):
+            data = bytes(raw)
+        elif isinstance(raw, str):
+            data = raw.encode("utf-8")
+        elif isinstance(raw, float):
+            data = repr(raw).encode("ascii")
+        elif isinstance(raw, (dt.date, dt.time)):
+            data = raw.isoformat().encode("ascii")
+        elif isinstance(raw, uuid.UUID):
+            data = str(raw).encode("ascii")
+        elif isinstance(raw, (dict, list)):
+            data = json.dumps(raw).encode("utf-8")
+        else:
+            data = str(raw).encode("utf-8")
+        return _LEGACY_PARSERS.get(self.name, self.decode)(data)
 
     def __repr__(self) -> str:
         return f"<Codec {self.name} max_size={self.max_size}>"
@@ -197,7 +227,7 @@ def _boolean_codec(inner: sqltypes.Boolean) -> Codec:
             return False
         raise ValueError("not a boolean")
 
-    return Codec("Boolean", encode, decode, 1)
+    return Codec("Boolean", encode, decode, 1, lambda v: b"1" if encode(v) == b"\x01" else b"0")
 
 
 def _datetime_codec(inner: sqltypes.DateTime) -> Codec:
@@ -256,7 +286,7 @@ def _uuid_codec(inner: sqltypes.Uuid[Any]) -> Codec:
         value = uuid.UUID(bytes=raw)
         return value if as_uuid else str(value)
 
-    return Codec("Uuid", encode, decode, 16)
+    return Codec("Uuid", encode, decode, 16, lambda v: str(uuid.UUID(bytes=encode(v))).encode())
 
 
 def _json_codec(inner: sqltypes.JSON) -> Codec:
@@ -292,6 +322,25 @@ def _binary_codec(inner: sqltypes._Binary) -> Codec:
         return bytes(raw)
 
     return Codec("LargeBinary", encode, decode, length)
+
+
+def _legacy_boolean(data: bytes) -> bool:
+    text = data.decode("ascii").strip().lower()
+    if text in ("1", "t", "true", "y", "yes", "on"):
+        return True
+    if text in ("0", "f", "false", "n", "no", "off"):
+        return False
+    raise ValueError("not a boolean")
+
+
+def _legacy_uuid(data: bytes) -> uuid.UUID:
+    return uuid.UUID(bytes=data) if len(data) == 16 else uuid.UUID(data.decode("ascii"))
+
+
+_LEGACY_PARSERS: dict[str, Callable[[bytes], Any]] = {
+    "Boolean": _legacy_boolean,
+    "Uuid": _legacy_uuid,
+}
 
 
 # Order matters: Enum is a String, Float a Numeric, DateTime not a Date.

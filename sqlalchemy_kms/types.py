@@ -43,7 +43,7 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, ColumnElement
 
 from ._codecs import Codec, codec_for
-from ._format import MAX_OVERHEAD, column_aad
+from ._format import MAX_OVERHEAD, column_aad, parse_header
 from .errors import (
     ConfigurationError,
     DecryptionError,
@@ -190,7 +190,8 @@ class _EncryptedComparator(sqltypes.TypeDecorator.Comparator[Any]):
         if any(_is_sql_expression(value) for value in values):
             raise self._refuse(op, _COLUMN_COMPARISON_HINT)
         column_type: KMSEncrypted = self.type  # type: ignore[assignment]
-        terms = [(value, slot) for value in values for slot in range(SEARCH_SLOTS)]
+        slots = SEARCH_SLOTS + (1 if column_type.accept_plaintext else 0)
+        terms = [(value, slot) for value in values for slot in range(slots)]
         param = bindparam(None, terms, type_=_SearchTerm(column_type), expanding=True, unique=True)
         return super().operate(operators.not_in_op if negate else operators.in_op, param)
 
@@ -211,6 +212,13 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         encrypted and to every value it is compared with (for example
         ``str.lower`` for case-insensitive e-mail addresses). What is read
         back is the normalized value.
+    :param accept_plaintext: the transition mode of a column whose existing
+        plaintext is being encrypted in place (see
+        :meth:`~sqlalchemy_kms.KeyVault.encrypt_column`): reads return a
+        stored plaintext value as it is, instead of raising, and equality on a
+        deterministic column also matches not yet converted values. Writes
+        are always encrypted. Turn it off once the conversion has finished:
+        outside this mode a plaintext value is an error, never returned.
 
     Operators encryption cannot answer (``like``, ``<``, ``between``,
     ``asc()``, ``==`` on a randomized column, ...) raise
@@ -240,6 +248,7 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         inner_type: sqltypes.TypeEngine[Any] | type[sqltypes.TypeEngine[Any]],
         deterministic: bool = False,
         normalize: Callable[[Any], Any] | None = None,
+        accept_plaintext: bool = False,
     ) -> None:
         inner = sqltypes.to_instance(inner_type)
         if isinstance(inner, KMSEncrypted):
@@ -247,6 +256,7 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         self.inner_type = inner
         self.deterministic = bool(deterministic)
         self.normalize = normalize
+        self.accept_plaintext = bool(accept_plaintext)
         self._codec: Codec = codec_for(inner)
         self._binding: _Binding | None = None
         self._column: Column[Any] | None = None
@@ -256,6 +266,8 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         extra = ", deterministic=True" if self.deterministic else ""
         if self.normalize is not None:
             extra += f", normalize={getattr(self.normalize, '__qualname__', self.normalize)}"
+        if self.accept_plaintext:
+            extra += ", accept_plaintext=True"
         return f"KMSEncrypted({self.inner_type!r}{extra})"
 
     @property
@@ -352,13 +364,14 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         try:
             vault = self._vault(dialect)
             assert binding is not None
+            if isinstance(value, (bytearray, memoryview)):
+                value = bytes(value)
+            if self.accept_plaintext and not _looks_encrypted(value):
+                return self._from_plaintext(value, binding)
             if not isinstance(value, bytes):
-                if isinstance(value, (bytearray, memoryview)):
-                    value = bytes(value)
-                else:
-                    raise InvalidCiphertextError(
-                        f"stored value is {type(value).__name__}, not an encrypted value"
-                    )
+                raise InvalidCiphertextError(
+                    f"stored value is {type(value).__name__}, not an encrypted value"
+                )
             plaintext = vault.decrypt(binding.scope, binding.column, binding.aad, value)
         except SQLAlchemyKMSError as error:
             raise _with_context(error, binding) from None
@@ -371,19 +384,53 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
                 column=binding.column,
             ) from None
 
+    def _from_plaintext(self, value: Any, binding: _Binding) -> Any:
+        try:
+            return self._codec.from_legacy(value)
+        except (ValueError, KeyError, UnicodeDecodeError, TypeError):
+            raise DecryptionError(
+                f"stored plaintext is not a valid {self._codec.name}",
+                table=binding.scope,
+                column=binding.column,
+            ) from None
+
+
+def _looks_encrypted(value: Any) -> bool:
+    """Whether a stored value has the header of our format (and so must decrypt)."""
+    if not isinstance(value, bytes):
+        return False
+    try:
+        parse_header(value)
+    except InvalidCiphertextError:
+        return False
+    return True
+
+
+class _PassThroughBinary(sqltypes.LargeBinary):
+    """Binary that hands values to the driver untouched (bytes, or text for a not yet
+    converted SQLite cell)."""
+
+    def bind_processor(self, dialect: Dialect) -> None:
+        return None
+
+
+def _plaintext_form(text: bytes, dialect: Dialect) -> Any:
+    # an unconverted SQLite cell still holds TEXT; server columns hold the text's bytes
+    return text.decode("utf-8") if dialect.name == "sqlite" else text
+
 
 class _SearchTerm(sqltypes.TypeDecorator[Any]):
     """Bind type of an equality operand: ``(value, slot)`` becomes the stored form of
     ``value`` under the enabled search key number ``slot`` (newest first)."""
 
-    impl = sqltypes.LargeBinary
+    impl = _PassThroughBinary
     cache_ok = True
 
     def __init__(self, column_type: KMSEncrypted) -> None:
         self.column_type = column_type
         super().__init__()
 
-    def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | None:
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         plain, slot = value
         if plain is None:
             return None
@@ -404,9 +451,11 @@ class _SearchTerm(sqltypes.TypeDecorator[Any]):
                     table=binding.scope,
                     column=binding.column,
                 )
+            plaintext = column_type._codec.encode(plain)
+            if slot == SEARCH_SLOTS:  # transition mode: the value as plaintext
+                return _plaintext_form(column_type._codec.legacy_text(plain), dialect)
             if slot >= len(ciphers):
                 return _NEVER_STORED
-            plaintext = column_type._codec.encode(plain)
             token: bytes = ciphers[slot].encrypt_deterministic(
                 plaintext, binding.scope, binding.column, binding.aad
             )

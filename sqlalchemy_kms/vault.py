@@ -92,6 +92,11 @@ KeyRing = tuple[str, str]
 _VAULT_ATTR: Final = "_sqlalchemy_kms_vault"
 _PENDING_INFO: Final = "sqlalchemy_kms.pending"
 
+# The connection bound with KeyVault.using() in this thread/task.
+_bound_connection: contextvars.ContextVar[weakref.ref[Connection] | None] = (
+    contextvars.ContextVar("sqlalchemy_kms_bound_connection", default=None)
+)
+
 # The connection whose statement is being executed in this thread/task (SQLite only).
 _current_connection: contextvars.ContextVar[weakref.ref[Connection] | None] = (
     contextvars.ContextVar("sqlalchemy_kms_current_connection", default=None)
@@ -217,19 +222,20 @@ class KeyVault:
         setattr(dialect, _VAULT_ATTR, self)
         if self._shares_writer:
             event.listen(self.engine, "before_execute", _remember_connection)
-            event.listen(self.engine, "commit", _forget_pending)
-            event.listen(self.engine, "rollback", _forget_pending)
+        event.listen(self.engine, "commit", _forget_pending)
+        event.listen(self.engine, "rollback", _forget_pending)
 
     def close(self) -> None:
         """Unbind from the engine and forget every cached key."""
         if vault_for(self.engine.dialect) is self:
             delattr(self.engine.dialect, _VAULT_ATTR)
-        if self._shares_writer and event.contains(
-            self.engine, "before_execute", _remember_connection
+        for name, listener in (
+            ("before_execute", _remember_connection),
+            ("commit", _forget_pending),
+            ("rollback", _forget_pending),
         ):
-            event.remove(self.engine, "before_execute", _remember_connection)
-            event.remove(self.engine, "commit", _forget_pending)
-            event.remove(self.engine, "rollback", _forget_pending)
+            if event.contains(self.engine, name, listener):
+                event.remove(self.engine, name, listener)
         self.clear_cache()
 
     def clear_cache(self) -> None:
@@ -307,16 +313,29 @@ class KeyVault:
         """
         ring = (_scope_of(table), SEARCH if search else DATA)
         with self._lock(ring):
-            while True:
-                with self.engine.connect() as conn:
-                    newest = conn.execute(
-                        select(func.max(self.table.c.key_version)).where(self._ring_filter(ring))
-                    ).scalar()
-                cipher = self._insert_committed(ring, (newest or 0) + 1)
-                if cipher is not None:
-                    break
+            shared = self._shared_connection()
+            if shared is not None:
+                cipher = self._insert(shared, ring, self._newest_version(shared, ring) + 1)
+                pending = self._pending(shared)
+                pending[ring] = pending[(*ring, cipher.key_version)] = cipher
+            else:
+                while True:
+                    with self.engine.connect() as conn:
+                        newest = self._newest_version(conn, ring)
+                    made = self._insert_committed(ring, newest + 1)
+                    if made is not None:
+                        cipher = made
+                        break
             self._forget_ring(ring)
             return cipher.key_version
+
+    def _newest_version(self, conn: Connection, ring: KeyRing) -> int:
+        query = select(func.max(self.table.c.key_version)).where(self._ring_filter(ring))
+        try:
+            newest = conn.execute(query).scalar()
+        except exc.DBAPIError as error:
+            raise self._missing_table(error) from error
+        return int(newest or 0)
 
     def _forget_ring(self, ring: KeyRing) -> None:
         with self._guard:
@@ -342,8 +361,31 @@ class KeyVault:
 
     # -- connections ---------------------------------------------------------
 
+    @contextmanager
+    def using(self, connection: Connection) -> Iterator[Connection]:
+        """Read and write the key table through ``connection`` inside this block.
+
+        Keys made inside the block commit or roll back with ``connection``'s
+        transaction and serve only it until it commits. Migrations use this:
+        the migration's own transaction may hold locks (or a key table it just
+        created) that another connection could not see or would wait for::
+
+            with vault.using(op.get_bind()):
+                vault.reencrypt(patients, connection=op.get_bind())
+        """
+        token = _bound_connection.set(weakref.ref(connection))
+        try:
+            yield connection
+        finally:
+            _bound_connection.reset(token)
+
     def _shared_connection(self) -> Connection | None:
-        """On SQLite, the application's connection when it already holds a transaction."""
+        """The connection key-table work must share: one bound with :meth:`using`, or,
+        on SQLite, the application's connection when it already holds a write lock."""
+        bound_ref = _bound_connection.get()
+        bound = bound_ref() if bound_ref is not None else None
+        if bound is not None and not bound.closed and bound.engine is self.engine:
+            return bound
         if not self._shares_writer:
             return None
         ref = _current_connection.get()
@@ -499,18 +541,19 @@ class KeyVault:
         if entry is not None and time.monotonic() < entry[1]:
             return entry[0]
         ring = (scope, SEARCH)
-        newest = self._active_cipher(scope, SEARCH)  # makes the first search key if needed
+        self._active_cipher(scope, SEARCH)  # makes the first search key if needed
         shared = self._shared_connection()
-        if shared is not None and self._pending(shared).get(ring) is newest:
-            return [newest]
+        pending = self._pending(shared) if shared is not None else {}
         with self._reading() as conn:
             rows = self._select_enabled(conn, ring)
-        ciphers = [self._cipher_for_row(ring, row) for row in rows] or [newest]
-        expires = min(
-            [time.monotonic() + self.refresh_interval]
-            + [self.cache.expires_at((*ring, c.key_version)) for c in ciphers]
-        )
+        ciphers = [
+            pending.get((*ring, row.version)) or self._cipher_for_row(ring, row) for row in rows
+        ]
         if shared is None:
+            expires = min(
+                [time.monotonic() + self.refresh_interval]
+                + [self.cache.expires_at((*ring, c.key_version)) for c in ciphers]
+            )
             self._search[scope] = (ciphers, expires)
         return ciphers
 
