@@ -7,6 +7,7 @@ catches everything the library refuses or fails at::
     ├── ConfigurationError            the library is set up wrongly
     │   ├── VaultNotFoundError        an engine without a KeyVault touched an encrypted column
     │   └── KeyTableMissingError      the key table does not exist yet
+    ├── KeyLifecycleError             a key operation is refused (retire a key in use, ...)
     ├── EncryptionError               a value could not be encrypted
     │   └── ValueTooLongError         longer than the declared String(n) / LargeBinary(n)
     ├── UnsupportedQueryError         an operator encryption cannot answer
@@ -50,6 +51,7 @@ __all__ = [
     "KMSKeyDisabledError",
     "KMSKeyNotFoundError",
     "KMSUnavailableError",
+    "KeyLifecycleError",
     "KeyTableMissingError",
     "SQLAlchemyKMSError",
     "UnknownKeyVersionError",
@@ -125,6 +127,17 @@ class VaultNotFoundError(ConfigurationError):
 
 class KeyTableMissingError(ConfigurationError):
     """The key table does not exist: call ``vault.create_table()`` or run the migration."""
+
+
+class KeyLifecycleError(SQLAlchemyKMSError):
+    """A key lifecycle operation is refused: retiring a key that rows still use,
+    destroying a key that is not retired or without confirmation, importing a
+    conflicting key."""
+
+    def _render(self) -> str:
+        version = f" key version {self.key_version}" if self.key_version is not None else ""
+        where = f"{self.table}{version}: " if self.table else ""
+        return f"{where}{self.reason}"
 
 
 class EncryptionError(SQLAlchemyKMSError):

@@ -47,9 +47,9 @@ import datetime as dt
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from sqlalchemy import (
     Column,
@@ -70,9 +70,13 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 
 from ._cipher import DataKeyCipher
 from ._format import ALG_RANDOMIZED, parse_header
+from .audit import key_event, kms_call
 from .cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
 from .errors import KeyTableMissingError, UnknownKeyVersionError
 from .providers.base import KeyProvider, encryption_context
+
+if TYPE_CHECKING:
+    from .rotation import Progress, TableStatus
 
 __all__ = ["DEFAULT_KEY_TABLE", "DEFAULT_REFRESH_INTERVAL", "KeyVault", "key_table"]
 
@@ -93,8 +97,8 @@ _VAULT_ATTR: Final = "_sqlalchemy_kms_vault"
 _PENDING_INFO: Final = "sqlalchemy_kms.pending"
 
 # The connection bound with KeyVault.using() in this thread/task.
-_bound_connection: contextvars.ContextVar[weakref.ref[Connection] | None] = (
-    contextvars.ContextVar("sqlalchemy_kms_bound_connection", default=None)
+_bound_connection: contextvars.ContextVar[weakref.ref[Connection] | None] = contextvars.ContextVar(
+    "sqlalchemy_kms_bound_connection", default=None
 )
 
 # The connection whose statement is being executed in this thread/task (SQLite only).
@@ -337,6 +341,126 @@ class KeyVault:
             raise self._missing_table(error) from error
         return int(newest or 0)
 
+    # -- lifecycle (the work is in sqlalchemy_kms.rotation) --------------------
+
+    def reencrypt(
+        self,
+        table: Table,
+        *,
+        columns: Sequence[str] | None = None,
+        batch_size: int = 1000,
+        progress: Callable[[Progress], object] | None = None,
+        connection: Connection | None = None,
+    ) -> Progress:
+        """Move every encrypted value of ``table`` to its active key, online.
+
+        Batches of ``batch_size`` rows by primary key, each its own short
+        transaction (or, with ``connection``, inside that connection's
+        transaction, as in a migration); a row is updated only if it still
+        holds what was read, so concurrent application writes are never
+        lost; killed and run again, it resumes; run again when finished, it
+        changes nothing. ``progress`` is called after each batch with a
+        :class:`~sqlalchemy_kms.rotation.Progress`. Returns the final one.
+        """
+        from . import rotation
+
+        return rotation.reencrypt(
+            self,
+            table,
+            columns=columns,
+            batch_size=batch_size,
+            progress=progress,
+            connection=connection,
+        )
+
+    def encrypt_column(
+        self,
+        table: Table,
+        column: str,
+        *,
+        batch_size: int = 1000,
+        progress: Callable[[Progress], object] | None = None,
+        connection: Connection | None = None,
+    ) -> Progress:
+        """Encrypt the existing plaintext of one column in place, online and resumably.
+
+        ``table`` describes the column as ``KMSEncrypted(...)``. On PostgreSQL
+        and MySQL/MariaDB the column must first be made binary
+        (:func:`sqlalchemy_kms.alembic.plaintext_to_binary` does it in a
+        migration); SQLite needs no DDL. While it runs, the application reads
+        the column with ``KMSEncrypted(..., accept_plaintext=True)``.
+        """
+        from . import rotation
+
+        return rotation.encrypt_column(
+            self, table, column, batch_size=batch_size, progress=progress, connection=connection
+        )
+
+    def decrypt_column(
+        self,
+        table: Table,
+        column: str,
+        *,
+        batch_size: int = 1000,
+        progress: Callable[[Progress], object] | None = None,
+        connection: Connection | None = None,
+    ) -> Progress:
+        """Write one column's plaintext back in place: the reverse of :meth:`encrypt_column`."""
+        from . import rotation
+
+        return rotation.decrypt_column(
+            self, table, column, batch_size=batch_size, progress=progress, connection=connection
+        )
+
+    def status(self, tables: MetaData | Sequence[Table]) -> list[TableStatus]:
+        """Per table: key versions, their state and master key, and rows per version
+        per column (counted by the database from the stored headers)."""
+        from . import rotation
+
+        return rotation.status(self, tables)
+
+    def retire_key(self, table: Table, version: int, *, search: bool = False) -> None:
+        """Retire key ``version`` of ``table``: refused while any stored value uses it
+        (:class:`~sqlalchemy_kms.errors.KeyLifecycleError`) or while it is active."""
+        from . import rotation
+
+        rotation.retire_key(self, table, version, search=search)
+
+    def destroy_key(
+        self, table: Table | str, version: int, *, search: bool = False, confirm: bool = False
+    ) -> None:
+        """Delete a retired key for good (crypto-shredding); needs ``confirm=True``.
+
+        Every value still under that key, here or in any backup, becomes
+        unreadable: reading it raises
+        :class:`~sqlalchemy_kms.errors.UnknownKeyVersionError`.
+        """
+        from . import rotation
+
+        rotation.destroy_key(self, table, version, search=search, confirm=confirm)
+
+    def rewrap(self, provider: KeyProvider, *, table: Table | str | None = None) -> int:
+        """Re-wrap every data key (or one table's) under ``provider``; no row is touched.
+
+        With AWS KMS on both sides this is KMS ``ReEncrypt``. Afterwards this
+        vault uses ``provider``. Returns the number of keys rewrapped.
+        """
+        from . import rotation
+
+        return rotation.rewrap(self, provider, table=table)
+
+    def export_keys(self) -> dict[str, Any]:
+        """The key table as JSON-ready data (wrapped keys only: safe to back up)."""
+        from . import rotation
+
+        return rotation.export_keys(self)
+
+    def import_keys(self, data: Mapping[str, Any]) -> int:
+        """Restore keys exported by :meth:`export_keys`; refuses conflicting ids."""
+        from . import rotation
+
+        return rotation.import_keys(self, data)
+
     def _forget_ring(self, ring: KeyRing) -> None:
         with self._guard:
             self._active.pop(ring, None)
@@ -443,7 +567,14 @@ class KeyVault:
         return rows[0] if rows else None
 
     def _insert(self, conn: Connection, ring: KeyRing, version: int) -> DataKeyCipher:
-        generated = self.provider.generate_data_key(encryption_context(*ring, version))
+        context = encryption_context(*ring, version)
+        provider = self.provider
+        generated = kms_call(
+            "GenerateDataKey",
+            context,
+            provider.master_key_id,
+            lambda: provider.generate_data_key(context),
+        )
         conn.execute(
             self.table.insert().values(
                 scope=ring[0],
@@ -455,6 +586,13 @@ class KeyVault:
                 wrapped_key=generated.wrapped,
                 created_at=dt.datetime.now(dt.timezone.utc),
             )
+        )
+        key_event(
+            "rotate" if version > 1 else "create",
+            ring[0],
+            ring[1],
+            version,
+            generated.master_key_id,
         )
         return DataKeyCipher(generated.plaintext, version)
 
@@ -471,10 +609,30 @@ class KeyVault:
         return cipher
 
     def _unwrap(self, ring: KeyRing, row: _KeyRow) -> DataKeyCipher:
-        plaintext = self.provider.unwrap(
-            row.wrapped, encryption_context(*ring, row.version), row.master_key_id
+        context = encryption_context(*ring, row.version)
+        provider = self.provider
+        plaintext = kms_call(
+            "Decrypt",
+            context,
+            row.master_key_id,
+            lambda: provider.unwrap(row.wrapped, context, row.master_key_id),
         )
         return DataKeyCipher(plaintext, row.version)
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A connection for a key-table change: the shared one, or a transaction of our own."""
+        shared = self._shared_connection()
+        if shared is not None:
+            yield shared
+            return
+        with self.engine.begin() as conn:
+            yield conn
+
+    def _audit_change(
+        self, operation: str, scope: str, purpose: str, version: int, master_key_id: str
+    ) -> None:
+        key_event(operation, scope, purpose, version, master_key_id)
 
     def _cipher_for_row(self, ring: KeyRing, row: _KeyRow) -> DataKeyCipher:
         return self.cache.get_or_load((*ring, row.version), lambda: self._unwrap(ring, row))

@@ -104,6 +104,7 @@ class AwsKms(KeyProvider):
             )
             client = session.client("kms", endpoint_url=endpoint_url, config=config)
         self.client: KMSClient = client
+        self._resolved: str | None = None
 
     def __repr__(self) -> str:
         return f"AwsKms({self._key_id!r})"
@@ -143,6 +144,51 @@ class AwsKms(KeyProvider):
         return GeneratedDataKey(
             bytes(response["Plaintext"]), bytes(response["CiphertextBlob"]), response["KeyId"]
         )
+
+    def resolved_master_key_id(self) -> str:
+        """The key ARN behind ``key_id`` (``DescribeKey``, asked once)."""
+        if self._resolved is None:
+            context: dict[str, str] = {}
+            self._count("DescribeKey")
+            try:
+                response: Any = self.client.describe_key(KeyId=self._key_id)
+            except (ClientError, BotoCoreError) as exc:
+                raise self._error(exc, "DescribeKey", context, self._key_id) from exc
+            self._resolved = str(response["KeyMetadata"]["Arn"])
+        return self._resolved
+
+    def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
+        self._count("Encrypt")
+        try:
+            response: Any = self.client.encrypt(
+                KeyId=self._key_id, Plaintext=plaintext, EncryptionContext=dict(context)
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "Encrypt", context, self._key_id) from exc
+        return bytes(response["CiphertextBlob"]), str(response["KeyId"])
+
+    def rewrap_from(
+        self,
+        source: KeyProvider,
+        wrapped: bytes,
+        context: Mapping[str, str],
+        source_master_key_id: str,
+    ) -> tuple[bytes, str]:
+        """With an AWS KMS source, ``ReEncrypt``: the data key never leaves KMS."""
+        if not isinstance(source, AwsKms):
+            return super().rewrap_from(source, wrapped, context, source_master_key_id)
+        self._count("ReEncrypt")
+        try:
+            response: Any = self.client.re_encrypt(
+                CiphertextBlob=wrapped,
+                SourceKeyId=source_master_key_id,
+                SourceEncryptionContext=dict(context),
+                DestinationKeyId=self._key_id,
+                DestinationEncryptionContext=dict(context),
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "ReEncrypt", context, source_master_key_id) from exc
+        return bytes(response["CiphertextBlob"]), str(response["KeyId"])
 
     def unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
         self._count("Decrypt")

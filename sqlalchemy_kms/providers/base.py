@@ -97,3 +97,27 @@ class KeyProvider(abc.ABC):
     @abc.abstractmethod
     def unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
         """Return the plaintext of a wrapped data key made under ``master_key_id``."""
+
+    @abc.abstractmethod
+    def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
+        """Wrap an existing data key under the master key: ``(wrapped, master_key_id)``."""
+
+    def resolved_master_key_id(self) -> str:
+        """The master key id as the key table records it (AWS KMS: the key ARN)."""
+        return self.master_key_id
+
+    def rewrap_from(
+        self,
+        source: KeyProvider,
+        wrapped: bytes,
+        context: Mapping[str, str],
+        source_master_key_id: str,
+    ) -> tuple[bytes, str]:
+        """Re-wrap a key wrapped by ``source`` under this provider's master key.
+
+        The generic way unwraps with ``source`` and wraps with this provider,
+        so the data key passes through this process's memory; providers that
+        can do better (AWS KMS ``ReEncrypt``) override it.
+        """
+        plaintext = source.unwrap(wrapped, context, source_master_key_id)
+        return self.wrap(plaintext, context)

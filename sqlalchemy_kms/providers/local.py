@@ -102,14 +102,16 @@ class LocalKms(KeyProvider):
     def generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
         self._count("GenerateDataKey")
         plaintext = os.urandom(32)
+        return GeneratedDataKey(plaintext, self._wrap(plaintext, context), self.master_key_id)
+
+    def _wrap(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
         nonce = os.urandom(_NONCE_SIZE)
-        wrapped = (
-            bytes([_WRAP_VERSION])
-            + self._id
-            + nonce
-            + self._aead.encrypt(nonce, plaintext, _context_aad(context))
-        )
-        return GeneratedDataKey(plaintext, wrapped, self.master_key_id)
+        sealed = self._aead.encrypt(nonce, plaintext, _context_aad(context))
+        return bytes([_WRAP_VERSION]) + self._id + nonce + sealed
+
+    def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
+        self._count("Encrypt")
+        return self._wrap(plaintext, context), self.master_key_id
 
     def unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
         self._count("Decrypt")
