@@ -63,6 +63,7 @@ KEY_FILE: Final = "local-master.key"
 
 _PROG_NAME: Final = "sqlalchemy-kms"
 _AWS_SCHEME: Final = "aws-kms://"
+_LOCAL_SCHEME: Final = "local://"
 _HEX_WIDTH: Final = 24  # hex digits of a stored value shown after its header (and salt)
 _TEXT_WIDTH: Final = 60
 
@@ -73,8 +74,10 @@ _TEXT_WIDTH: Final = 60
 class KmsUri(NamedTuple):
     """A parsed ``--kms`` value.
 
-    ``scheme`` is ``"local"`` or ``"aws-kms"``; ``key_id`` is the AWS KMS key
-    (alias name, alias ARN, key ARN or key id), ``None`` for ``local``.
+    ``scheme`` is ``"local"`` or ``"aws-kms"``. ``key_id`` is what follows the
+    scheme: for ``aws-kms`` the AWS KMS key (alias name, alias ARN, key ARN or
+    key id); for ``local`` the path of a :class:`~sqlalchemy_kms.LocalKms` key
+    file, or ``None`` for a bare ``local`` (the demo's own key file).
     """
 
     scheme: str
@@ -85,16 +88,21 @@ class KmsUri(NamedTuple):
 
 
 def parse_kms_uri(uri: str) -> KmsUri:
-    """Parse ``local`` or ``aws-kms://KEY``; :class:`ValueError` for anything else.
+    """Parse ``local``, ``local://PATH`` or ``aws-kms://KEY``; :class:`ValueError`
+    for anything else.
 
     >>> parse_kms_uri("aws-kms://alias/my-app-cmk")
     KmsUri(scheme='aws-kms', key_id='alias/my-app-cmk')
     >>> parse_kms_uri("local")
     KmsUri(scheme='local', key_id=None)
+    >>> parse_kms_uri("local:///etc/app/master.key")
+    KmsUri(scheme='local', key_id='/etc/app/master.key')
     """
     value = uri.strip()
     if value.lower() in ("local", "local://"):
         return KmsUri("local")
+    if value.lower().startswith(_LOCAL_SCHEME):
+        return KmsUri("local", value[len(_LOCAL_SCHEME) :])
     if value.lower().startswith(_AWS_SCHEME):
         key_id = value[len(_AWS_SCHEME) :].strip()
         if not key_id:
@@ -104,8 +112,8 @@ def parse_kms_uri(uri: str) -> KmsUri:
         return KmsUri("aws-kms", key_id)
     scheme = value.split("://", 1)[0] if "://" in value else value
     raise ValueError(
-        f"unknown KMS {scheme!r}; use 'local' or 'aws-kms://KEY' "
-        "(KEY: alias/NAME, an alias or key ARN, or a key id)"
+        f"unknown KMS {scheme!r}; use 'local', 'local://PATH' (a LocalKms key file) or "
+        "'aws-kms://KEY' (KEY: alias/NAME, an alias or key ARN, or a key id)"
     )
 
 
@@ -279,9 +287,10 @@ def cli() -> None:
     """
 
 
-def _local_provider(folder: Path) -> tuple[LocalKms, Path, bool]:
-    """The demo's local master key: reused from ``folder`` if there, else made."""
-    key_file = folder / KEY_FILE
+def _local_provider(folder: Path, path: str | None = None) -> tuple[LocalKms, Path, bool]:
+    """The demo's local master key: reused from ``path`` (default: a file in
+    ``folder``) if there, else made."""
+    key_file = Path(path).expanduser() if path else folder / KEY_FILE
     if key_file.exists():
         try:
             return LocalKms(key_file=key_file), key_file, True
@@ -326,8 +335,8 @@ def _fresh_database(folder: Path) -> Path:
     default="local",
     show_default=True,
     callback=_kms_option,
-    help="Master key: 'local' (a key file in the working folder) or "
-    "aws-kms://KEY (alias/NAME, an alias or key ARN, or a key id).",
+    help="Master key: 'local' (a key file in the working folder), local://PATH (that "
+    "key file, made if missing) or aws-kms://KEY (alias/NAME, an alias or key ARN, or a key id).",
 )
 @click.option(
     "--region",
@@ -356,12 +365,13 @@ def demo(folder: Path, kms: KmsUri, region: str | None, rows: int) -> None:
     provider: KeyProvider
     key_file: Path | None = None
     reused = False
-    if kms.key_id is not None:
+    if kms.scheme == "aws-kms":
+        assert kms.key_id is not None
         provider = _aws_provider(kms.key_id, region)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if kms.key_id is None:
-            provider, key_file, reused = _local_provider(folder)
+        if kms.scheme == "local":
+            provider, key_file, reused = _local_provider(folder, kms.key_id)
         database = _fresh_database(folder)
     except OSError as error:
         raise click.ClickException(_one_line(str(error))) from None
