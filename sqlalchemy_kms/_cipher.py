@@ -65,6 +65,9 @@ MAX_READER_SUBKEYS: Final = 4096
 
 DATA_KEY_SIZE: Final = 32
 
+_SALT_END: Final = HEADER_SIZE + SALT_SIZE
+_NONCE_END: Final = _SALT_END + NONCE_SIZE
+
 
 def derive_gcm_subkey(data_key: bytes, salt: bytes) -> bytes:
     """HKDF-SHA256(ikm=data key, salt=salt, info=GCM_SUBKEY_INFO), 32 bytes."""
@@ -183,6 +186,21 @@ class DataKeyCipher:
 
     # -- both ----------------------------------------------------------------
 
+    def open(self, stored: bytes, aad: bytes, scope: str, column: str) -> bytes:
+        """Decrypt a value whose header is known to name this cipher's key and whose
+        size :func:`~sqlalchemy_kms._format.parse_header` accepted.
+
+        The checked entry point is :meth:`decrypt`; this is the hot path behind
+        it. Raises ``cryptography.exceptions.InvalidTag`` on any mismatch.
+        """
+        header = stored[:HEADER_SIZE]
+        if stored[1] == ALG_RANDOMIZED:
+            aead = self._readers.get(stored[HEADER_SIZE:_SALT_END]) or self._reader(
+                stored[HEADER_SIZE:_SALT_END]
+            )
+            return aead.decrypt(stored[_SALT_END:_NONCE_END], stored[_NONCE_END:], header + aad)
+        return self._column_siv(scope, column).decrypt(stored[HEADER_SIZE:], [header + aad])
+
     def decrypt(
         self,
         stored: bytes,
@@ -204,13 +222,7 @@ class DataKeyCipher:
                 "value does not belong to this key", key_version=self.key_version
             )
         try:
-            if algorithm == ALG_RANDOMIZED:
-                salt_end = HEADER_SIZE + SALT_SIZE
-                nonce_end = salt_end + NONCE_SIZE
-                aead = self._reader(stored[HEADER_SIZE:salt_end])
-                return aead.decrypt(stored[salt_end:nonce_end], stored[nonce_end:], header + aad)
-            siv = self._column_siv(scope, column)
-            return siv.decrypt(stored[HEADER_SIZE:], [header + aad])
+            return self.open(stored, aad, scope, column)
         except InvalidTag:
             raise InvalidCiphertextError(
                 "authentication failed: the value was altered, truncated or belongs to "

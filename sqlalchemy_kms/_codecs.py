@@ -116,8 +116,7 @@ def _string_codec(inner: sqltypes.String) -> Codec:
                 )
             return value.encode("utf-8")
 
-    def decode(raw: bytes) -> str:
-        return raw.decode("utf-8")
+    decode = bytes.decode  # UTF-8, strict
 
     # UTF-8 needs at most 4 bytes per character
     return Codec(f"String({length})", encode, decode, None if length is None else 4 * length)

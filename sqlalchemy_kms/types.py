@@ -31,6 +31,7 @@ table and column when it is attached, and binds every ciphertext to them.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -43,7 +44,14 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, ColumnElement
 
 from ._codecs import Codec, codec_for
-from ._format import MAX_OVERHEAD, column_aad, parse_header
+from ._format import (
+    DETERMINISTIC_OVERHEAD,
+    HEADER_SIZE,
+    MAX_OVERHEAD,
+    RANDOMIZED_OVERHEAD,
+    column_aad,
+    parse_header,
+)
 from .errors import (
     ConfigurationError,
     DecryptionError,
@@ -53,7 +61,7 @@ from .errors import (
     UnsupportedQueryError,
     VaultNotFoundError,
 )
-from .vault import table_scope, vault_for
+from .vault import _VAULT_ATTR, DATA, table_scope, vault_for
 
 __all__ = ["KMSEncrypted"]
 
@@ -116,6 +124,9 @@ def _operator_name(op: Any) -> str:
     name = str(getattr(op, "__name__", op))
     return name.removesuffix("_op")
 
+
+# no stored value is shorter: anything shorter goes to the complete path, which rejects it
+_SHORTEST = min(RANDOMIZED_OVERHEAD, DETERMINISTIC_OVERHEAD)
 
 # VARBINARY up to this size on MySQL/MariaDB (indexable, inside the row); BLOBs beyond.
 _MYSQL_VARBINARY_MAX = 8192
@@ -338,6 +349,54 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
                 "table and column to bind its values to"
             )
         return vault
+
+    # The processors SQLAlchemy calls once per value. Their fast paths cover a
+    # cached key; everything else (first use, errors, plaintext) goes to
+    # process_bind_param / process_result_value, the complete definitions.
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any]:
+        complete = self.process_bind_param
+        binding = self._binding
+        if binding is None or self.deterministic or self.normalize is not None:
+            return lambda value: complete(value, dialect)
+        active_key = (binding.scope, DATA)
+        aad = binding.aad
+        encode = self._codec.encode
+        clock = time.monotonic
+
+        def process(value: Any) -> Any:
+            vault = getattr(dialect, _VAULT_ATTR, None)
+            if value is not None and vault is not None:
+                entry = vault._active.get(active_key)
+                if entry is not None and clock() < entry[1]:
+                    try:
+                        return entry[0].encrypt(encode(value), aad)
+                    except SQLAlchemyKMSError:
+                        pass  # the complete path raises it with its context
+            return complete(value, dialect)
+
+        return process
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], Any]:
+        complete = self.process_result_value
+        binding = self._binding
+        if binding is None or self.accept_plaintext:
+            return lambda value: complete(value, dialect)
+        scope, column, aad = binding.scope, binding.column, binding.aad
+        decode = self._codec.decode
+
+        def process(value: Any) -> Any:
+            vault = getattr(dialect, _VAULT_ATTR, None)
+            if value.__class__ is bytes and len(value) >= _SHORTEST and vault is not None:
+                cipher = vault.reader(scope, value[:HEADER_SIZE])
+                if cipher is not None:
+                    try:
+                        return decode(cipher.open(value, aad, scope, column))
+                    except Exception:  # the complete path raises the documented error
+                        pass
+            return complete(value, dialect)
+
+        return process
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | None:
         if value is None:

@@ -69,7 +69,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Dialect, Engine
 
 from ._cipher import DataKeyCipher
-from ._format import ALG_RANDOMIZED, parse_header
+from ._format import ALG_RANDOMIZED, HEADER_SIZE, parse_header
 from .audit import key_event, kms_call
 from .cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
 from .errors import KeyTableMissingError, UnknownKeyVersionError
@@ -208,6 +208,7 @@ class KeyVault:
         self.refresh_interval = float(refresh_interval)
         self._active: dict[KeyRing, tuple[DataKeyCipher, float]] = {}
         self._search: dict[str, tuple[list[DataKeyCipher], float]] = {}
+        self._readers: dict[tuple[str, bytes], tuple[DataKeyCipher, float]] = {}
         self._guard = threading.Lock()
         self._locks: dict[KeyRing, threading.Lock] = {}
         self._shares_writer = sync_engine.dialect.name == "sqlite"
@@ -247,6 +248,7 @@ class KeyVault:
         with self._guard:
             self._active.clear()
             self._search.clear()
+            self._readers.clear()
         self.cache.clear()
 
     # -- key table -----------------------------------------------------------
@@ -465,6 +467,7 @@ class KeyVault:
         with self._guard:
             self._active.pop(ring, None)
             self._search.pop(ring[0], None)
+            self._readers.clear()
 
     def key_versions(self, table: Table | str, *, search: bool = False) -> list[int]:
         """Enabled key versions of ``table``, newest first."""
@@ -772,7 +775,26 @@ class KeyVault:
         algorithm, version = parse_header(stored)
         ring = (scope, DATA if algorithm == ALG_RANDOMIZED else SEARCH)
         cipher = self.cache.get((*ring, version)) or self._cipher(ring, version)
-        return cipher.decrypt(stored, aad, algorithm=algorithm, scope=scope, column=column)
+        plaintext = cipher.decrypt(stored, aad, algorithm=algorithm, scope=scope, column=column)
+        self._remember_reader(scope, stored[:HEADER_SIZE], cipher, (*ring, version))
+        return plaintext
+
+    def _remember_reader(
+        self, scope: str, header: bytes, cipher: DataKeyCipher, key: tuple[str, str, int]
+    ) -> None:
+        """Let the next value with this header find its cipher with one dictionary hit."""
+        readers = self._readers
+        if len(readers) >= 2 * self.cache.max_entries:
+            readers.clear()
+        readers[(scope, header)] = (cipher, self.cache.expires_at(key))
+
+    def reader(self, scope: str, header: bytes) -> DataKeyCipher | None:
+        """The cipher of a stored value's header, if known and fresh: the hot path of
+        :class:`~sqlalchemy_kms.KMSEncrypted` reads; ``None`` sends it to :meth:`decrypt`."""
+        entry = self._readers.get((scope, header))
+        if entry is not None and time.monotonic() < entry[1]:
+            return entry[0]
+        return None
 
 
 def _scope_of(table: Table | str) -> str:
