@@ -365,6 +365,9 @@ def cli() -> None:
     """sqlalchemy-kms: transparent SQLAlchemy column encryption with KMS-wrapped data keys.
 
     Run "sqlalchemy-kms demo" to see it encrypt, store and decrypt a few rows.
+    The other commands manage the keys of an application's database; they
+    take --db URL (or SQLALCHEMY_KMS_DB), --kms URI (or SQLALCHEMY_KMS_KMS),
+    --models MODULE:ATTR and --key-table NAME. See "sqlalchemy-kms COMMAND --help".
     """
 
 
@@ -1126,10 +1129,16 @@ def rewrap(
     """
     new_provider = _provider(ctx, to_uri, "--to")
     with _opened(db_url, kms_uri, key_table_name) as vault:
-        if table_names:
-            count = sum(vault.rewrap(new_provider, table=name) for name in table_names)
-        else:
+        if not table_names:
             count = vault.rewrap(new_provider)
+        else:
+            # KeyVault.rewrap() switches the vault to the new provider, even after one
+            # table's keys: give each table the current (source) provider back first
+            source = vault.provider
+            count = 0
+            for name in dict.fromkeys(table_names):
+                vault.provider = source
+                count += vault.rewrap(new_provider, table=name)
     click.echo(f"rewrapped {count} key(s) under {to_uri}")
 
 

@@ -58,14 +58,21 @@ class LocalKms(KeyProvider):
     """A master key kept in this process: for development, demos and tests.
 
     Give exactly one of ``key`` (32 bytes) or ``key_file`` (a file written by
-    :meth:`generate_key_file`). ``master_key_id`` is ``local:`` followed by a
+    :meth:`generate_key_file`); a path given as ``key`` is taken as the key file. ``master_key_id`` is ``local:`` followed by a
     fingerprint of the key, never the key itself.
     """
 
     name = "local"
 
-    def __init__(self, key: bytes | None = None, *, key_file: str | os.PathLike[str] | None = None):
+    def __init__(
+        self,
+        key: bytes | str | os.PathLike[str] | None = None,
+        *,
+        key_file: str | os.PathLike[str] | None = None,
+    ) -> None:
         super().__init__()
+        if isinstance(key, (str, os.PathLike)):  # LocalKms("master.key")
+            key, key_file = None, key
         if (key is None) == (key_file is None):
             raise ValueError("give exactly one of key or key_file")
         if key_file is not None:
