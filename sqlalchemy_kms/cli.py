@@ -621,7 +621,7 @@ def _kms_uri_option(*, required: bool) -> Callable[[Callable[..., Any]], Callabl
         envvar=_KMS_ENV,
         required=required,
         callback=_lifecycle_kms_option,
-        help=_KMS_HELP if required else _KMS_HELP + " Not needed by this command.",
+        help=_KMS_HELP if required else "Accepted and ignored: this command makes no KMS call.",
     )
 
 
@@ -748,7 +748,10 @@ def _opened(
     *,
     need_key_table: bool = True,
 ) -> Iterator[KeyVault]:
-    """The vault of one command: engine, provider and key table; closed afterwards."""
+    """The vault of one command: engine, provider and key table; closed afterwards.
+
+    Without ``kms_uri`` (commands that make no KMS call) the provider refuses any use.
+    """
     ctx = click.get_current_context()
     provider = _provider(ctx, kms_uri, "--kms") if kms_uri is not None else _NoKms()
     try:
@@ -942,7 +945,7 @@ def status(
     metadata = _metadata(ctx, models)
     assert metadata is not None
     tables = _select_tables(ctx, metadata, table_names)
-    with _opened(db_url, kms_uri, key_table_name) as vault:
+    with _opened(db_url, None, key_table_name) as vault:
         report = vault.status(tables)
     if as_json:
         _echo_json(_status_data(report))
@@ -1132,13 +1135,9 @@ def rewrap(
         if not table_names:
             count = vault.rewrap(new_provider)
         else:
-            # KeyVault.rewrap() switches the vault to the new provider, even after one
-            # table's keys: give each table the current (source) provider back first
-            source = vault.provider
-            count = 0
-            for name in dict.fromkeys(table_names):
-                vault.provider = source
-                count += vault.rewrap(new_provider, table=name)
+            count = sum(
+                vault.rewrap(new_provider, table=name) for name in dict.fromkeys(table_names)
+            )
     click.echo(f"rewrapped {count} key(s) under {to_uri}")
 
 
@@ -1185,7 +1184,7 @@ def retire(
     metadata = _metadata(ctx, models)
     assert metadata is not None
     [table] = _select_tables(ctx, metadata, [table_name])
-    with _opened(db_url, kms_uri, key_table_name) as vault:
+    with _opened(db_url, None, key_table_name) as vault:
         vault.retire_key(table, version, search=search)
     click.echo(f"{table_scope(table)}: {_key_name(search)} version {version} retired")
 
@@ -1227,7 +1226,7 @@ def destroy(
     if metadata is not None:
         [table] = _select_tables(ctx, metadata, [table_name])
     scope = table_scope(table) if isinstance(table, Table) else table
-    with _opened(db_url, kms_uri, key_table_name) as vault:
+    with _opened(db_url, None, key_table_name) as vault:
         purpose = SEARCH if search else DATA
         rows = [
             row
@@ -1279,7 +1278,7 @@ def export_keys(
     the master key is useless without the export (or the key table): keep
     both, apart. Restore with 'import-keys'.
     """
-    with _opened(db_url, kms_uri, key_table_name) as vault:
+    with _opened(db_url, None, key_table_name) as vault:
         data = vault.export_keys()
     text = json.dumps(data, indent=2) + "\n"
     if output is None:
@@ -1311,16 +1310,9 @@ def import_keys(db_url: str, kms_uri: KmsUri | None, key_table_name: str, file: 
         raise click.ClickException(f"{file.name} is not JSON: {_one_line(str(error))}") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise click.ClickException(f"{file.name} is not a sqlalchemy-kms key export")
-    with _opened(db_url, kms_uri, key_table_name, need_key_table=False) as vault:
+    with _opened(db_url, None, key_table_name, need_key_table=False) as vault:
         vault.create_table()
-        try:
-            added = vault.import_keys(data)
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            # a damaged export: the library reports these as Python errors
-            raise click.ClickException(
-                f"{file.name} is not a valid sqlalchemy-kms key export "
-                f"({type(error).__name__}: {_one_line(str(error))}); nothing imported"
-            ) from None
+        added = vault.import_keys(data)  # a damaged export is a KeyLifecycleError
     skipped = len(data["keys"]) - added
     click.echo(f"imported {added} key(s); {skipped} already present")
 
@@ -1737,7 +1729,7 @@ def policy(
 @_key_table_option
 def create_table(db_url: str, kms_uri: KmsUri | None, key_table_name: str) -> None:
     """Create the key table if it does not exist (safe to run again)."""
-    with _opened(db_url, kms_uri, key_table_name, need_key_table=False) as vault:
+    with _opened(db_url, None, key_table_name, need_key_table=False) as vault:
         vault.create_table()
         click.echo(f"key table {vault.table.fullname} is ready")
 

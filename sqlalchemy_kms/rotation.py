@@ -49,6 +49,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import NullType
 
 from ._format import ALG_DETERMINISTIC, ALG_RANDOMIZED, HEADER_SIZE, pack_header, parse_header
@@ -496,7 +497,10 @@ def key_rows(vault: KeyVault, scope: str | None = None) -> list[Any]:
     if scope is not None:
         query = query.where(keys.c.scope == scope)
     with vault._reading() as conn:
-        return list(conn.execute(query))
+        try:
+            return list(conn.execute(query))
+        except DBAPIError as error:
+            raise vault._missing_table(error) from error
 
 
 def _header_counts(conn: Connection, table: Table, column: Column[Any]) -> dict[Any, int]:
@@ -686,7 +690,7 @@ def rewrap(vault: KeyVault, provider: KeyProvider, *, table: Table | str | None 
         if row.provider == provider.name and row.master_key_id == target_id:
             continue
         context = encryption_context(row.scope, row.purpose, row.key_version)
-        source = vault.provider
+        source = vault._provider_for(row.master_key_id)
         wrapped, master_key_id = kms_call(
             "ReEncrypt",
             context,
@@ -712,7 +716,13 @@ def rewrap(vault: KeyVault, provider: KeyProvider, *, table: Table | str | None 
             )
         vault._audit_change("rewrap", row.scope, row.purpose, row.key_version, master_key_id)
         done += 1
-    vault.provider = provider
+    if provider is not vault.provider:
+        # new keys are made under the new master key; keys of tables not rewrapped
+        # (a partial rewrap) are still unwrapped by the provider that made them
+        vault._other_providers = [
+            p for p in (vault.provider, *vault._other_providers) if p is not provider
+        ]
+        vault.provider = provider
     return done
 
 
@@ -740,6 +750,25 @@ def export_keys(vault: KeyVault) -> dict[str, Any]:
     }
 
 
+def _imported_row(item: Mapping[str, Any]) -> dict[str, Any]:
+    created = item.get("created_at")
+    purpose = str(item["purpose"])
+    if purpose not in (DATA, SEARCH):
+        raise ValueError("unknown purpose")
+    return {
+        "scope": str(item["scope"]),
+        "purpose": purpose,
+        "key_version": int(item["key_version"]),
+        "state": str(item["state"]),
+        "provider": str(item["provider"]),
+        "master_key_id": str(item["master_key_id"]),
+        "wrapped_key": base64.b64decode(item["wrapped_key"], validate=True),
+        "created_at": dt.datetime.fromisoformat(created)
+        if created
+        else dt.datetime.now(dt.timezone.utc),
+    }
+
+
 def import_keys(vault: KeyVault, data: Mapping[str, Any]) -> int:
     """Restore keys from :func:`export_keys` data; refuses conflicting ids.
 
@@ -752,33 +781,24 @@ def import_keys(vault: KeyVault, data: Mapping[str, Any]) -> int:
     existing = {
         (row.scope, row.purpose, row.key_version): bytes(row.wrapped_key) for row in key_rows(vault)
     }
+    try:
+        incoming = [_imported_row(item) for item in data["keys"]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise KeyLifecycleError(
+            f"the key export is damaged ({type(error).__name__}); nothing imported"
+        ) from None
     new_rows = []
-    for item in data["keys"]:
-        ident = (item["scope"], item["purpose"], int(item["key_version"]))
-        wrapped = base64.b64decode(item["wrapped_key"], validate=True)
+    for row in incoming:
+        ident = (row["scope"], row["purpose"], row["key_version"])
         if ident in existing:
-            if existing[ident] != wrapped:
+            if existing[ident] != row["wrapped_key"]:
                 raise KeyLifecycleError(
                     "the key table holds a different key with the same id; nothing imported",
                     table=ident[0],
                     key_version=ident[2],
                 )
             continue
-        created = item.get("created_at")
-        new_rows.append(
-            {
-                "scope": ident[0],
-                "purpose": ident[1],
-                "key_version": ident[2],
-                "state": item["state"],
-                "provider": item["provider"],
-                "master_key_id": item["master_key_id"],
-                "wrapped_key": wrapped,
-                "created_at": dt.datetime.fromisoformat(created)
-                if created
-                else dt.datetime.now(dt.timezone.utc),
-            }
-        )
+        new_rows.append(row)
     if new_rows:
         with vault._writing() as conn:
             conn.execute(vault.table.insert(), new_rows)

@@ -202,6 +202,7 @@ class KeyVault:
             raise ValueError("refresh_interval must be positive")
         self.engine = sync_engine
         self.provider = provider
+        self._other_providers: list[KeyProvider] = []
         self.metadata = MetaData()
         self.table = key_table(self.metadata, table_name, schema)
         self.cache: KeyCache[DataKeyCipher] = KeyCache(cache_max_entries, cache_max_age)
@@ -611,9 +612,17 @@ class KeyVault:
         self.cache.put((*ring, version), cipher)
         return cipher
 
+    def _provider_for(self, master_key_id: str) -> KeyProvider:
+        """The provider that unwraps keys of ``master_key_id``: the vault's own, or one it
+        used before a partial :meth:`rewrap`."""
+        for provider in (self.provider, *self._other_providers):
+            if provider.owns(master_key_id):
+                return provider
+        return self.provider
+
     def _unwrap(self, ring: KeyRing, row: _KeyRow) -> DataKeyCipher:
         context = encryption_context(*ring, row.version)
-        provider = self.provider
+        provider = self._provider_for(row.master_key_id)
         plaintext = kms_call(
             "Decrypt",
             context,

@@ -455,3 +455,38 @@ def test_audit_trail_records_kms_calls_and_key_changes(
         "sqlalchemy_kms.audit.kms",
         "sqlalchemy_kms.audit.keys",
     }
+
+
+def test_partial_rewrap_keeps_every_table_readable(engine: Engine) -> None:
+    old, new = LocalKms(os.urandom(32)), LocalKms(os.urandom(32))
+    vault = KeyVault(engine, old)
+    vault.create_table()
+    metadata = MetaData()
+    first, second = people(metadata, "first_people"), people(metadata, "second_people")
+    metadata.create_all(engine)
+    fill(engine, first, 5)
+    fill(engine, second, 5)
+    assert vault.rewrap(new, table=first) == 2  # data and search key of one table
+    vault.clear_cache()
+    assert read_all(engine, first) == read_all(engine, second) == [expected(i) for i in range(5)]
+    assert vault.rewrap(new, table=second) == 2
+    assert {k["master_key_id"] for k in vault.export_keys()["keys"]} == {new.master_key_id}
+    only_new = KeyVault(engine, new)
+    assert read_all(engine, second) == [expected(i) for i in range(5)]
+    only_new.close()
+
+
+def test_damaged_export_is_refused(engine: Engine, vault: KeyVault, table: Table) -> None:
+    exported = vault.export_keys()
+    for damage in ({"wrapped_key": "not base64!"}, {"key_version": "x"}, {"purpose": "other"}):
+        broken = dict(exported, keys=[dict(exported["keys"][0], **damage)])
+        with pytest.raises(KeyLifecycleError, match="damaged"):
+            vault.import_keys(broken)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE kms_data_keys"))
+    from sqlalchemy_kms.errors import KeyTableMissingError
+
+    with pytest.raises(KeyTableMissingError):
+        vault.export_keys()
+    with pytest.raises(KeyTableMissingError):
+        vault.status([table])

@@ -145,6 +145,10 @@ class AwsKms(KeyProvider):
             bytes(response["Plaintext"]), bytes(response["CiphertextBlob"]), response["KeyId"]
         )
 
+    def owns(self, master_key_id: str) -> bool:
+        """Any AWS KMS key: KMS itself decides whether this client may use it."""
+        return not master_key_id.startswith("local:")
+
     def resolved_master_key_id(self) -> str:
         """The key ARN behind ``key_id`` (``DescribeKey``, asked once)."""
         if self._resolved is None:

@@ -102,6 +102,10 @@ class KeyProvider(abc.ABC):
     def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
         """Wrap an existing data key under the master key: ``(wrapped, master_key_id)``."""
 
+    def owns(self, master_key_id: str) -> bool:
+        """Whether this provider can unwrap keys wrapped under ``master_key_id``."""
+        return master_key_id == self.master_key_id
+
     def resolved_master_key_id(self) -> str:
         """The master key id as the key table records it (AWS KMS: the key ARN)."""
         return self.master_key_id

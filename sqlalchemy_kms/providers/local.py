@@ -58,8 +58,9 @@ class LocalKms(KeyProvider):
     """A master key kept in this process: for development, demos and tests.
 
     Give exactly one of ``key`` (32 bytes) or ``key_file`` (a file written by
-    :meth:`generate_key_file`); a path given as ``key`` is taken as the key file. ``master_key_id`` is ``local:`` followed by a
-    fingerprint of the key, never the key itself.
+    :meth:`generate_key_file`); a path given as ``key`` is taken as the key
+    file. ``master_key_id`` is ``local:`` followed by a fingerprint of the
+    key, never the key itself.
     """
 
     name = "local"
