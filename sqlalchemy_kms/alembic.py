@@ -2,17 +2,17 @@
 
 Importing this module registers these operations on Alembic's ``op``:
 
-=========================================================  ==================================
-operation                                                  reverse (autogenerate, ``reverse()``)
-=========================================================  ==================================
-``op.create_kms_key_table(table_name, *, schema)``         ``op.drop_kms_key_table(...)``
-``op.drop_kms_key_table(table_name, *, schema)``           ``op.create_kms_key_table(...)``
-``op.encrypt_column(table, column, kms_type, ...)``        ``op.decrypt_column(...)``
-``op.decrypt_column(table, column, kms_type, ...)``        ``op.encrypt_column(...)``
-``op.rotate_kms_key(table, *, search, reencrypt, ...)``    not reversible
-``op.reencrypt_table(table, columns, ...)``                not reversible
-``op.rewrap_kms_keys(provider, *, table_name, schema)``    not reversible
-=========================================================  ==================================
+=====================================================  =========================================
+operation                                              reverse (autogenerate, ``op.reverse()``)
+=====================================================  =========================================
+``op.create_kms_key_table(table_name, *, schema)``     ``op.drop_kms_key_table(...)``
+``op.drop_kms_key_table(table_name, *, schema)``       ``op.create_kms_key_table(...)``
+``op.encrypt_column(table, column, kms_type, ...)``    ``op.decrypt_column(...)``
+``op.decrypt_column(table, column, kms_type, ...)``    ``op.encrypt_column(...)``
+``op.rotate_kms_key(table, *, columns, ...)``          not reversible
+``op.reencrypt_table(table, columns, ...)``            not reversible
+``op.rewrap_kms_keys(provider, *, table_name, ...)``   not reversible
+=====================================================  =========================================
 
 Import it in ``env.py`` (revision files may import it too; importing twice is
 harmless) and create the :class:`~sqlalchemy_kms.KeyVault` of the engine the
@@ -40,8 +40,8 @@ A complete ``env.py``::
 
 
     def run_migrations_offline() -> None:
-        # Only the key table's DDL works offline: the other operations read and
-        # write rows and need a database (they raise ConfigurationError in --sql mode).
+        # --sql renders DDL only (op.create_kms_key_table, op.create_table, ...): the
+        # operations that rewrite rows raise ConfigurationError in offline mode.
         context.configure(url=config.get_main_option("sqlalchemy.url"),
                           target_metadata=target_metadata, literal_binds=True,
                           render_item=render_item)
@@ -121,6 +121,15 @@ Pass :func:`render_item` to ``context.configure(render_item=...)`` so that
 ``alembic revision --autogenerate`` renders encrypted columns as
 ``KMSEncrypted(sa.String(length=200), deterministic=True)`` and adds
 ``from sqlalchemy_kms import KMSEncrypted`` to the revision's imports.
+Autogenerate compares schemas, not data: a plaintext column changed to
+``KMSEncrypted`` in the model comes out as ``op.alter_column(...,
+type_=KMSEncrypted(...))``, which encrypts nothing; write
+``op.encrypt_column(...)`` instead. These operations also render (for
+rewriters and ``render_python_code``).
+
+Type checkers only know Alembic's built-in ``op`` functions: in type-checked
+revision scripts, calls of these operations need
+``# type: ignore[attr-defined]``.
 """
 
 from __future__ import annotations
@@ -136,6 +145,7 @@ from alembic.autogenerate import renderers
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations import MigrateOperation, Operations
 from alembic.operations.ops import CreateTableOp, DropTableOp
+from botocore.exceptions import BotoCoreError
 from sqlalchemy import Column, LargeBinary, MetaData, Table, inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import DDL
@@ -178,8 +188,12 @@ def provider_from_uri(uri: str) -> KeyProvider:
     :meth:`LocalKms.generate_key_file <sqlalchemy_kms.LocalKms.generate_key_file>`,
     relative to the current directory unless absolute (development only).
 
-    >>> provider_from_uri("aws-kms://alias/myapp")
-    AwsKms('alias/myapp')
+    >>> provider_from_uri("aws-kms://arn:aws:kms:eu-west-1:111122223333:alias/myapp")
+    AwsKms('arn:aws:kms:eu-west-1:111122223333:alias/myapp')
+
+    Raises :class:`~sqlalchemy_kms.errors.ConfigurationError` for an unknown
+    scheme, a missing or invalid key file, or an AWS client that cannot be set
+    up (no region configured, an unknown profile).
     """
     value = uri.strip()
     if value.lower().startswith(_AWS_SCHEME):
@@ -190,7 +204,13 @@ def provider_from_uri(uri: str) -> KeyProvider:
             )
         parts = key_id.split(":", 5)
         is_arn = len(parts) == 6 and parts[0] == "arn" and parts[2] == "kms" and parts[3]
-        return AwsKms(key_id, region_name=parts[3] if is_arn else None)
+        try:
+            return AwsKms(key_id, region_name=parts[3] if is_arn else None)
+        except BotoCoreError as error:
+            raise ConfigurationError(
+                f"cannot set up the AWS KMS client for {uri.strip()}: {error} "
+                "(configure the region with AWS_REGION or a profile, or give a key ARN)"
+            ) from None
     if value.lower().startswith(_LOCAL_SCHEME):
         path = Path(value[len(_LOCAL_SCHEME) :]).expanduser()
         if not str(path) or str(path) == ".":
@@ -260,10 +280,9 @@ def _using(vault: KeyVault, bind: Connection, name: str) -> Iterator[None]:
     with vault.using(bind):
         if vault._shared_connection() is not bind:
             raise ConfigurationError(
-                f"op.{name}(): the KeyVault does not share the migration's connection: it "
-                "belongs to another Engine object than the connection (a connection of "
-                "engine.execution_options(...) counts as another); create the KeyVault on "
-                "the engine the migration connects with"
+                f"op.{name}(): the KeyVault cannot share the migration's connection (it is "
+                "closed, or belongs to another engine); create the KeyVault on the engine "
+                "the migration connects with"
             )
         yield
 
@@ -533,29 +552,52 @@ class DecryptColumnOp(_ColumnOp):
         return ("decrypt_column", self.schema, self.table_name, self.column_name)
 
 
-def _sqlite_retype(
-    operations: Operations, operation: _ColumnOp, table: Table, *, to_binary: bool
-) -> None:
-    """Give a SQLite column its declared type: BLOB when encrypted, the inner type when not.
+def _is_binary(type_: Any) -> bool:
+    try:
+        return bool(type_.python_type is bytes)
+    except NotImplementedError:  # NullType and other types without a Python type
+        return False
 
-    SQLite stores any value in any column, so this is only for the schema to say
-    what the column holds (and for autogenerate to find it as the model says). It
-    uses Alembic's batch mode: the table is recreated and its rows copied with
-    ``CAST`` (a plaintext value becomes the bytes of its text, which
-    :func:`~sqlalchemy_kms.rotation.encrypt_column` reads as plaintext).
+
+def _retype(
+    operations: Operations,
+    operation: _ColumnOp,
+    table: Table,
+    dialect: Any,
+    *,
+    to_binary: bool,
+) -> None:
+    """Make the column binary (``to_binary``) or give it back its inner type.
+
+    PostgreSQL and MySQL/MariaDB run :mod:`~sqlalchemy_kms.rotation`'s DDL.
+    On PostgreSQL and SQLite a column that already is of the target kind is
+    left alone: the DDL would read a binary column's bytes as text (a column
+    being encrypted again after an interrupted run, or an inner type that is
+    itself binary). MySQL/MariaDB always run their ``MODIFY``, which keeps the
+    bytes and also resizes a ``VARBINARY``.
+
+    SQLite stores any value in any column; its declared type is changed only
+    for the schema to say what the column holds (and for autogenerate to find
+    it as the model says), with Alembic's batch mode: the table is recreated
+    and its rows copied with ``CAST`` (a plaintext value becomes the bytes of
+    its text, which :func:`~sqlalchemy_kms.rotation.encrypt_column` reads as
+    plaintext).
     """
-    current = table.info[_REFLECTED][operation.column_name]
-    is_binary = isinstance(current, LargeBinary)
-    if is_binary == to_binary:
+    name = operation.column_name
+    current = table.info[_REFLECTED][name]
+    if dialect.name not in ("mysql", "mariadb"):
+        if _is_binary(current) == to_binary:
+            return  # already binary, or already plaintext
+        if not to_binary and _is_binary(operation.kms_type.inner_type):
+            return  # the plaintext type is binary too: the column stays as it is
+    if dialect.name != "sqlite":
+        ddl = rotation.plaintext_to_binary_ddl if to_binary else rotation.binary_to_plaintext_ddl
+        _run_ddl(operations, ddl(table, name, dialect))
         return
-    column = table.c[operation.column_name]
     target = LargeBinary() if to_binary else operation.kms_type.inner_type
     with operations.batch_alter_table(operation.table_name, schema=operation.schema) as batch:
         batch.alter_column(
-            operation.column_name,
-            type_=target,
-            existing_type=current,
-            existing_nullable=column.nullable,
+            name, type_=target, existing_type=current, existing_nullable=table.c[name].nullable
         )
 
 
@@ -567,13 +609,7 @@ def _encrypt_column(operations: Operations, operation: EncryptColumnOp) -> None:
         bind, operation.table_name, operation.schema, {operation.column_name: operation.kms_type}
     )
     with _using(vault, bind, "encrypt_column"):
-        if bind.dialect.name == "sqlite":
-            _sqlite_retype(operations, operation, table, to_binary=True)
-        else:
-            _run_ddl(
-                operations,
-                rotation.plaintext_to_binary_ddl(table, operation.column_name, bind.dialect),
-            )
+        _retype(operations, operation, table, bind.dialect, to_binary=True)
         vault.encrypt_column(
             table,
             operation.column_name,
@@ -598,13 +634,7 @@ def _decrypt_column(operations: Operations, operation: DecryptColumnOp) -> None:
             progress=_progress(f"decrypt_column({operation.column_name})"),
             connection=bind,
         )
-        if bind.dialect.name == "sqlite":
-            _sqlite_retype(operations, operation, table, to_binary=False)
-        else:
-            _run_ddl(
-                operations,
-                rotation.binary_to_plaintext_ddl(table, operation.column_name, bind.dialect),
-            )
+        _retype(operations, operation, table, bind.dialect, to_binary=False)
 
 
 # -- rotation, re-encryption, rewrap --------------------------------------------------------

@@ -50,7 +50,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.types import NullType
+from sqlalchemy.types import NullType, _Binary
 
 from ._format import ALG_DETERMINISTIC, ALG_RANDOMIZED, HEADER_SIZE, pack_header, parse_header
 from .audit import kms_call
@@ -435,6 +435,8 @@ def _retype_ddl(table: Table, name: str, dialect: Any, *, to_binary: bool) -> li
     binary = column_type.dialect_impl(dialect).compile(dialect=dialect)
     plain = column_type.inner_type.compile(dialect=dialect)
     null = "NULL" if column.nullable else "NOT NULL"
+    if dialect.name == "postgresql" and isinstance(column_type.inner_type, _Binary):
+        return []  # BYTEA either way: the bytes are the plaintext
     if dialect.name == "postgresql":
         if to_binary:
             using = f"convert_to({quoted}::text, 'UTF8')"

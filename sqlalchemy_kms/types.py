@@ -314,8 +314,7 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         if not isinstance(table, Table) or column.type is not self:
             return
         self._binding = _Binding(table_scope(table), column.name)
-        if not table.info.get("sqlalchemy_kms.encrypted"):
-            table.info["sqlalchemy_kms.encrypted"] = True
+        if not event.contains(table, "after_create", _make_key_for_new_table):
             event.listen(table, "after_create", _make_key_for_new_table)
 
     # -- DDL -----------------------------------------------------------------

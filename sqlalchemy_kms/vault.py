@@ -389,8 +389,9 @@ class KeyVault:
 
         ``table`` describes the column as ``KMSEncrypted(...)``. On PostgreSQL
         and MySQL/MariaDB the column must first be made binary
-        (:func:`sqlalchemy_kms.alembic.plaintext_to_binary` does it in a
-        migration); SQLite needs no DDL. While it runs, the application reads
+        (``op.encrypt_column`` of :mod:`sqlalchemy_kms.alembic` does it in a
+        migration, with :func:`~sqlalchemy_kms.rotation.plaintext_to_binary_ddl`);
+        SQLite needs no DDL. While it runs, the application reads
         the column with ``KMSEncrypted(..., accept_plaintext=True)``.
         """
         from . import rotation
@@ -512,13 +513,13 @@ class KeyVault:
         on SQLite, the application's connection when it already holds a write lock."""
         bound_ref = _bound_connection.get()
         bound = bound_ref() if bound_ref is not None else None
-        if bound is not None and not bound.closed and bound.engine is self.engine:
+        if bound is not None and not bound.closed and bound.dialect is self.engine.dialect:
             return bound
         if not self._shares_writer:
             return None
         ref = _current_connection.get()
         conn = ref() if ref is not None else None
-        if conn is None or conn.engine is not self.engine or conn.closed:
+        if conn is None or conn.dialect is not self.engine.dialect or conn.closed:
             return None
         if not conn.in_transaction():
             return None
