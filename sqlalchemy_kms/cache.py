@@ -92,11 +92,23 @@ class KeyCache(Generic[V]):
                 self._entries.pop(next(iter(self._entries)))
             self._entries[key] = (value, self._clock() + self.max_age)
 
-    def get_or_load(self, key: Hashable, load: Callable[[], V]) -> V:
-        """The cached value, or the result of ``load()``, called once for concurrent misses."""
+    def get_or_load(
+        self, key: Hashable, load: Callable[[], V], *, single_flight: bool = True
+    ) -> V:
+        """The cached value, or the result of ``load()``, called once for concurrent misses.
+
+        ``single_flight=False`` loads without waiting for other loaders: for
+        callers that must never block their thread (an event loop), where a
+        duplicate load is the lesser cost.
+        """
         value = self.get(key)
         if value is not None:
             self.hits += 1
+            return value
+        if not single_flight:
+            self.misses += 1
+            value = load()
+            self.put(key, value)
             return value
         with self._guard:
             lock = self._loading.setdefault(key, threading.Lock())

@@ -435,7 +435,7 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
             raise _with_context(error, binding) from None
         try:
             return self._codec.decode(plaintext)
-        except (ValueError, KeyError, UnicodeDecodeError):
+        except (ValueError, KeyError, ArithmeticError, RecursionError):
             raise DecryptionError(
                 f"decrypted value is not a valid {self._codec.name}",
                 table=binding.scope,
@@ -445,7 +445,7 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
     def _from_plaintext(self, value: Any, binding: _Binding) -> Any:
         try:
             return self._codec.from_legacy(value)
-        except (ValueError, KeyError, UnicodeDecodeError, TypeError):
+        except (ValueError, KeyError, ArithmeticError, RecursionError, TypeError):
             raise DecryptionError(
                 f"stored plaintext is not a valid {self._codec.name}",
                 table=binding.scope,

@@ -48,7 +48,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from sqlalchemy import (
@@ -69,7 +69,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Dialect, Engine
 
 from ._cipher import DataKeyCipher
-from ._format import ALG_RANDOMIZED, HEADER_SIZE, parse_header
+from ._format import ALG_DETERMINISTIC, ALG_RANDOMIZED, HEADER_SIZE, pack_header, parse_header
 from .audit import key_event, kms_call
 from .cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
 from .errors import KeyTableMissingError, UnknownKeyVersionError
@@ -210,9 +210,14 @@ class KeyVault:
         self._active: dict[KeyRing, tuple[DataKeyCipher, float]] = {}
         self._search: dict[str, tuple[list[DataKeyCipher], float]] = {}
         self._readers: dict[tuple[str, bytes], tuple[DataKeyCipher, float]] = {}
+        self._result_rings: weakref.WeakKeyDictionary[Any, frozenset[KeyRing]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._preloaded: dict[KeyRing, float] = {}
         self._guard = threading.Lock()
         self._locks: dict[KeyRing, threading.Lock] = {}
         self._shares_writer = sync_engine.dialect.name == "sqlite"
+        self._is_async = bool(sync_engine.dialect.is_async)
         self._bind()
 
     def __repr__(self) -> str:
@@ -228,6 +233,8 @@ class KeyVault:
         setattr(dialect, _VAULT_ATTR, self)
         if self._shares_writer:
             event.listen(self.engine, "before_execute", _remember_connection)
+        if self._is_async:
+            event.listen(self.engine, "after_cursor_execute", self._preload_result_keys)
         event.listen(self.engine, "commit", _forget_pending)
         event.listen(self.engine, "rollback", _forget_pending)
 
@@ -237,6 +244,7 @@ class KeyVault:
             delattr(self.engine.dialect, _VAULT_ATTR)
         for name, listener in (
             ("before_execute", _remember_connection),
+            ("after_cursor_execute", self._preload_result_keys),
             ("commit", _forget_pending),
             ("rollback", _forget_pending),
         ):
@@ -250,6 +258,7 @@ class KeyVault:
             self._active.clear()
             self._search.clear()
             self._readers.clear()
+            self._preloaded.clear()
         self.cache.clear()
 
     # -- key table -----------------------------------------------------------
@@ -319,13 +328,13 @@ class KeyVault:
         deterministic columns are unaffected by ordinary rotation.
         """
         ring = (_scope_of(table), SEARCH if search else DATA)
-        with self._lock(ring):
-            shared = self._shared_connection()
-            if shared is not None:
-                cipher = self._insert(shared, ring, self._newest_version(shared, ring) + 1)
-                pending = self._pending(shared)
-                pending[ring] = pending[(*ring, cipher.key_version)] = cipher
-            else:
+        shared = self._shared_connection()
+        if shared is not None:  # inside the caller's transaction (see _active_cipher)
+            cipher = self._insert(shared, ring, self._newest_version(shared, ring) + 1)
+            pending = self._pending(shared)
+            pending[ring] = pending[(*ring, cipher.key_version)] = cipher
+        else:
+            with self._lock(ring):
                 while True:
                     with self.engine.connect() as conn:
                         newest = self._newest_version(conn, ring)
@@ -333,8 +342,8 @@ class KeyVault:
                     if made is not None:
                         cipher = made
                         break
-            self._forget_ring(ring)
-            return cipher.key_version
+        self._forget_ring(ring)
+        return cipher.key_version
 
     def _newest_version(self, conn: Connection, ring: KeyRing) -> int:
         query = select(func.max(self.table.c.key_version)).where(self._ring_filter(ring))
@@ -470,6 +479,7 @@ class KeyVault:
             self._active.pop(ring, None)
             self._search.pop(ring[0], None)
             self._readers.clear()
+            self._preloaded.clear()
 
     def key_versions(self, table: Table | str, *, search: bool = False) -> list[int]:
         """Enabled key versions of ``table``, newest first."""
@@ -523,8 +533,8 @@ class KeyVault:
             return None
         if not conn.in_transaction():
             return None
-        dbapi_connection = conn.connection.dbapi_connection
-        if not getattr(dbapi_connection, "in_transaction", False):
+        # the driver's own connection (sqlite3 or aiosqlite) knows whether it holds a lock
+        if not getattr(conn.connection.driver_connection, "in_transaction", False):
             return None
         return conn
 
@@ -537,7 +547,12 @@ class KeyVault:
         with self.engine.connect() as conn:
             yield conn
 
-    def _lock(self, ring: KeyRing) -> threading.Lock:
+    def _lock(self, ring: KeyRing) -> AbstractContextManager[Any]:
+        """Single-flight lock of one key ring; none on an async engine, whose event loop
+        must never block on a lock held across the driver's awaits (the key table's
+        primary key settles races there)."""
+        if self._is_async:
+            return nullcontext()
         with self._guard:
             return self._locks.setdefault(ring, threading.Lock())
 
@@ -648,7 +663,9 @@ class KeyVault:
         key_event(operation, scope, purpose, version, master_key_id)
 
     def _cipher_for_row(self, ring: KeyRing, row: _KeyRow) -> DataKeyCipher:
-        return self.cache.get_or_load((*ring, row.version), lambda: self._unwrap(ring, row))
+        return self.cache.get_or_load(
+            (*ring, row.version), lambda: self._unwrap(ring, row), single_flight=not self._is_async
+        )
 
     # -- active keys ---------------------------------------------------------
 
@@ -657,13 +674,15 @@ class KeyVault:
         entry = self._active.get(ring)
         if entry is not None and time.monotonic() < entry[1]:
             return entry[0]
+        # a connection that holds SQLite's write lock must not wait for a thread that
+        # waits for that write lock: check before taking the ring's lock
+        shared = self._shared_connection()
+        if shared is not None:
+            return self._active_in_transaction(shared, ring)
         with self._lock(ring):
             entry = self._active.get(ring)
             if entry is not None and time.monotonic() < entry[1]:
                 return entry[0]
-            shared = self._shared_connection()
-            if shared is not None:
-                return self._active_in_transaction(shared, ring)
             cipher = self._load_or_make_active(ring)
             expires = min(
                 time.monotonic() + self.refresh_interval,
@@ -728,6 +747,58 @@ class KeyVault:
             self._search[scope] = (ciphers, expires)
         return ciphers
 
+    # -- async engines -------------------------------------------------------
+
+    def _preload_result_keys(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        """Async engines: load the keys a statement's encrypted result columns need
+        while the statement still runs inside SQLAlchemy's greenlet.
+
+        Rows of an async result are decoded after the ``await``, where the key
+        table can no longer be queried; the keys must be in memory by then.
+        """
+        compiled = getattr(context, "compiled", None)
+        if compiled is None:
+            return
+        rings = self._result_rings.get(compiled)
+        if rings is None:
+            rings = self._result_rings[compiled] = _encrypted_result_rings(compiled)
+        for ring in rings:
+            if time.monotonic() >= self._preloaded.get(ring, 0.0):
+                self._preload(ring)
+        # keys made inside this connection's transaction (SQLite) are not in the key
+        # table for other connections yet
+        for key, cipher in conn.info.get(_PENDING_INFO, {}).items():
+            if len(key) == 3 and key[:2] in rings:
+                algorithm = ALG_RANDOMIZED if key[1] == DATA else ALG_DETERMINISTIC
+                self._readers[(key[0], pack_header(algorithm, key[2]))] = (
+                    cipher,
+                    time.monotonic() + self.refresh_interval,
+                )
+
+    def _preload(self, ring: KeyRing) -> None:
+        keys = self.table.c
+        query = select(keys.key_version, keys.wrapped_key, keys.master_key_id).where(
+            self._ring_filter(ring)
+        )
+        with self.engine.connect() as conn:
+            rows = self._run(conn, query)
+        algorithm = ALG_RANDOMIZED if ring[1] == DATA else ALG_DETERMINISTIC
+        expires = time.monotonic() + self.refresh_interval
+        for row in rows:
+            cipher = self._cipher_for_row(ring, row)
+            key = (*ring, row.version)
+            self._remember_reader(ring[0], pack_header(algorithm, row.version), cipher, key)
+            expires = min(expires, self.cache.expires_at(key))
+        self._preloaded[ring] = expires
+
     # -- keys by version -----------------------------------------------------
 
     def _cipher(self, ring: KeyRing, version: int) -> DataKeyCipher:
@@ -753,7 +824,7 @@ class KeyVault:
                     self._search.pop(ring[0], None)
             return self._unwrap(ring, row)
 
-        return self.cache.get_or_load(key, load)
+        return self.cache.get_or_load(key, load, single_flight=not self._is_async)
 
     # -- values (the hot path) -------------------------------------------------
 
@@ -809,6 +880,19 @@ class KeyVault:
 
 def _scope_of(table: Table | str) -> str:
     return table_scope(table) if isinstance(table, Table) else table
+
+
+def _encrypted_result_rings(compiled: Any) -> frozenset[KeyRing]:
+    """The key rings the encrypted columns of a compiled statement's result use."""
+    from .types import KMSEncrypted
+
+    rings = set()
+    for entry in getattr(compiled, "_result_columns", None) or ():
+        column_type = entry[3]
+        if isinstance(column_type, KMSEncrypted) and column_type._binding is not None:
+            purpose = SEARCH if column_type.deterministic else DATA
+            rings.add((column_type._binding.scope, purpose))
+    return frozenset(rings)
 
 
 def _purposes_needed(table: Table) -> list[str]:

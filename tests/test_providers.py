@@ -182,10 +182,18 @@ def test_local_wrong_key_length(key: bytes) -> None:
         LocalKms(key)
 
 
-@pytest.mark.parametrize("key", ["x" * 32, bytearray(32), 32])
+@pytest.mark.parametrize("key", [bytearray(32), 32])
 def test_local_key_must_be_bytes(key: Any) -> None:
     with pytest.raises(ValueError):
         LocalKms(key)
+
+
+def test_local_key_given_as_a_path_is_a_key_file(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    made = LocalKms.generate_key_file(path)
+    assert LocalKms(str(path)).master_key_id == LocalKms(path).master_key_id == made.master_key_id
+    with pytest.raises(FileNotFoundError):
+        LocalKms("x" * 32)  # a str is a path, never key material
 
 
 def test_local_exactly_one_of_key_and_key_file(tmp_path: Path) -> None:
