@@ -353,6 +353,23 @@ class KeyVault:
             raise self._missing_table(error) from error
         return int(newest or 0)
 
+    def warm_up(self, tables: MetaData | Iterable[Table]) -> int:
+        """Unwrap every key the encrypted columns of ``tables`` may need, now.
+
+        Makes missing keys, loads every version of each table's data and
+        search keys into the cache, and returns how many keys are cached. Call
+        it at start-up so that the first requests pay no KMS round trip; on
+        an async engine, through ``await conn.run_sync(lambda _: vault.warm_up(md))``.
+        """
+        if isinstance(tables, MetaData):
+            tables = tables.sorted_tables
+        tables = list(tables)
+        self.create_keys(tables)
+        for table in tables:
+            for purpose in _purposes_needed(table):
+                self._preload((table_scope(table), purpose))
+        return len(self.cache)
+
     # -- lifecycle (the work is in sqlalchemy_kms.rotation) --------------------
 
     def reencrypt(

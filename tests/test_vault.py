@@ -399,3 +399,23 @@ def test_reprs_and_errors_hold_no_secrets(engine: Engine, vault: KeyVault) -> No
         import pickle
 
         pickle.dumps(cipher)
+
+
+def test_warm_up_loads_every_key_so_reads_make_no_kms_call(engine: Engine, kms: AwsKms) -> None:
+    metadata = MetaData()
+    patients, visits = people_tables(metadata)
+    writer = KeyVault(engine, kms)
+    writer.create_table()
+    metadata.create_all(engine)
+    writer.rotate_key("patients")
+    with engine.begin() as conn:
+        conn.execute(patients.insert().values(id=1, name="on key 2", phone="p"))
+    writer.close()
+    reader = KeyVault(engine, kms)
+    calls = kms.counter.calls  # type: ignore[attr-defined]
+    assert reader.warm_up(metadata) == 3  # patients data keys 1 and 2, visits data key 1
+    before = dict(calls)
+    with engine.connect() as conn:
+        assert conn.execute(select(patients.c.name)).scalars().all() == ["on key 2"]
+    assert dict(calls) == before
+    reader.close()
