@@ -425,32 +425,41 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
             if isinstance(value, (bytearray, memoryview)):
                 value = bytes(value)
             if self.accept_plaintext and not _looks_encrypted(value):
-                return self._from_plaintext(value, binding)
+                return self._from_plaintext(value, binding, dialect)
             if not isinstance(value, bytes):
                 raise InvalidCiphertextError(
                     f"stored value is {type(value).__name__}, not an encrypted value"
                 )
             plaintext = vault.decrypt(binding.scope, binding.column, binding.aad, value)
         except SQLAlchemyKMSError as error:
+            _count_failure(dialect)
             raise _with_context(error, binding) from None
         try:
             return self._codec.decode(plaintext)
         except (ValueError, KeyError, ArithmeticError, RecursionError):
+            _count_failure(dialect)
             raise DecryptionError(
                 f"decrypted value is not a valid {self._codec.name}",
                 table=binding.scope,
                 column=binding.column,
             ) from None
 
-    def _from_plaintext(self, value: Any, binding: _Binding) -> Any:
+    def _from_plaintext(self, value: Any, binding: _Binding, dialect: Dialect) -> Any:
         try:
             return self._codec.from_legacy(value)
         except (ValueError, KeyError, ArithmeticError, RecursionError, TypeError):
+            _count_failure(dialect)
             raise DecryptionError(
                 f"stored plaintext is not a valid {self._codec.name}",
                 table=binding.scope,
                 column=binding.column,
             ) from None
+
+
+def _count_failure(dialect: Dialect | None) -> None:
+    vault = vault_for(dialect) if dialect is not None else None
+    if vault is not None:
+        vault._count_decrypt_failure()
 
 
 def _looks_encrypted(value: Any) -> bool:

@@ -214,6 +214,7 @@ class KeyVault:
             weakref.WeakKeyDictionary()
         )
         self._preloaded: dict[KeyRing, float] = {}
+        self._decrypt_failures = 0
         self._guard = threading.Lock()
         self._locks: dict[KeyRing, threading.Lock] = {}
         self._shares_writer = sync_engine.dialect.name == "sqlite"
@@ -505,15 +506,28 @@ class KeyVault:
             return [row.version for row in self._select_enabled(conn, ring)]
 
     def stats(self) -> dict[str, int]:
-        """Counters for metrics: cache entries, hits, misses and provider calls."""
+        """Counters for metrics.
+
+        ``cache_entries``; ``cache_misses`` (keys unwrapped through the
+        provider) and ``cache_hits`` (key lookups of the resolution path that
+        found the key in memory; the per-value fast path, one dictionary hit,
+        is not counted); ``decrypt_failures`` (stored values that raised
+        instead of decrypting); ``kms_<Operation>`` (provider calls by
+        operation).
+        """
         counters = {
             "cache_entries": len(self.cache),
             "cache_hits": self.cache.hits,
             "cache_misses": self.cache.misses,
+            "decrypt_failures": self._decrypt_failures,
         }
         for operation, count in sorted(self.provider.calls.items()):
             counters[f"kms_{operation}"] = count
         return counters
+
+    def _count_decrypt_failure(self) -> None:
+        with self._guard:
+            self._decrypt_failures += 1
 
     # -- connections ---------------------------------------------------------
 

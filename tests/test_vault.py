@@ -419,3 +419,19 @@ def test_warm_up_loads_every_key_so_reads_make_no_kms_call(engine: Engine, kms: 
         assert conn.execute(select(patients.c.name)).scalars().all() == ["on key 2"]
     assert dict(calls) == before
     reader.close()
+
+
+def test_stats_count_decrypt_failures(engine: Engine, vault: KeyVault) -> None:
+    metadata = MetaData()
+    patients, _ = people_tables(metadata)
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(patients.insert().values(id=1, name="Kim", phone="010"))
+        conn.execute(text("UPDATE patients SET phone = :v"), {"v": b"\x01\x01garbage" * 5})
+    assert vault.stats()["decrypt_failures"] == 0
+    for _ in range(2):
+        with engine.connect() as conn, pytest.raises(DecryptionError):
+            conn.execute(select(patients.c.phone)).all()
+    stats = vault.stats()
+    assert stats["decrypt_failures"] == 2
+    assert stats["kms_GenerateDataKey"] == 2 and stats["cache_entries"] == 2  # two tables
