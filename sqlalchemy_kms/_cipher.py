@@ -110,6 +110,7 @@ class DataKeyCipher:
         self._lock = threading.Lock()
         self._readers: dict[bytes, AESGCM] = {}
         self._siv: dict[tuple[str, str], AESSIV] = {}
+        #: ``(header || salt, AES-GCM object of the salt's subkey)`` of this writer
         self._writer: tuple[bytes, AESGCM] = self._new_writer(salt)
         self._counter: Iterator[int] = itertools.count()
 
@@ -127,7 +128,7 @@ class DataKeyCipher:
             raise ValueError(f"a salt is {SALT_SIZE} bytes")
         aead = AESGCM(derive_gcm_subkey(self._data_key, salt))
         self._remember_reader(salt, aead)
-        return salt, aead
+        return self._rand_header + salt, aead
 
     def _remember_reader(self, salt: bytes, aead: AESGCM) -> None:
         if len(self._readers) >= MAX_READER_SUBKEYS:
@@ -142,21 +143,39 @@ class DataKeyCipher:
                 self._counter = itertools.count(1)
             return self._writer
 
+    @property
+    def header(self) -> bytes:
+        """The header of this key's randomized values."""
+        return self._rand_header
+
     def encrypt(self, plaintext: bytes, aad: bytes, *, nonce: bytes | None = None) -> bytes:
         """Encrypt ``plaintext`` for the column bound by ``aad`` (randomized).
 
         ``nonce`` is for known-answer tests only: never pass one otherwise.
         """
+        if nonce is None:
+            return self.seal(plaintext, self._rand_header + aad)
+        if len(nonce) != NONCE_SIZE:
+            raise ValueError(f"a nonce is {NONCE_SIZE} bytes")
+        prefix, aead = self._writer
+        return prefix + nonce + aead.encrypt(nonce, plaintext, self._rand_header + aad)
+
+    def seal(self, plaintext: bytes, associated: bytes) -> bytes:
+        """:meth:`encrypt` with the associated data given whole: ``header || aad``.
+
+        The hot path of :class:`~sqlalchemy_kms.KMSEncrypted` writes, which
+        keep ``header || aad`` per column instead of building it per value.
+        """
         writer = self._writer
         if next(self._counter) >= SUBKEY_ENCRYPTIONS:
             writer = self._rotate_writer(writer)
-        salt, aead = writer
-        if nonce is None:
-            nonce = os.urandom(NONCE_SIZE)
-        elif len(nonce) != NONCE_SIZE:
-            raise ValueError(f"a nonce is {NONCE_SIZE} bytes")
-        header = self._rand_header
-        return header + salt + nonce + aead.encrypt(nonce, plaintext, header + aad)
+        prefix, aead = writer
+        nonce = os.urandom(NONCE_SIZE)
+        return prefix + nonce + aead.encrypt(nonce, plaintext, associated)
+
+    def subkey(self, salt: bytes) -> AESGCM:
+        """The AES-GCM object of one writer's subkey (derived once, then kept)."""
+        return self._readers.get(salt) or self._reader(salt)
 
     def _reader(self, salt: bytes) -> AESGCM:
         aead = self._readers.get(salt)

@@ -153,6 +153,7 @@ def rewrite_rows(
         total = int(conn.execute(select(func.count()).select_from(table)).scalar_one())
     state = Progress(table=table_scope(table), total=total)
     last: tuple[Any, ...] | None = None
+    statements: dict[tuple[str, ...], Any] = {}
     pk_key = tuple_(*primary_key) if len(primary_key) > 1 else primary_key[0]
     while True:
         query = select(*primary_key, *(_raw(c) for c in columns))
@@ -177,7 +178,11 @@ def rewrite_rows(
                 if changed:
                     groups.setdefault(tuple(changed), []).append(params)
             for names, batch in groups.items():
-                statement = _compare_and_set(table, primary_key, names, new_value_type)
+                statement = statements.get(names)
+                if statement is None:
+                    statement = statements[names] = _compare_and_set(
+                        table, primary_key, names, new_value_type
+                    )
                 result = conn.execute(statement, batch)
                 done = result.rowcount if result.rowcount >= 0 else len(batch)
                 state.rewritten += done
@@ -255,7 +260,12 @@ def _encrypting_transform(vault: KeyVault, table: Table, *, legacy: bool) -> Tra
                 error.table, error.column = error.table or scope, error.column or column.name
                 error.args = (error._render(),)
                 raise
-            value = column_type._codec.decode(plaintext)
+            if raw[1] == target_header(column_type)[1]:
+                # same algorithm, older key: the plaintext bytes go straight back in
+                if column_type.deterministic:
+                    return vault.encrypt_deterministic(scope, column.name, binding.aad, plaintext)
+                return vault.encrypt(scope, binding.aad, plaintext)
+            value = column_type._codec.decode(plaintext)  # the column changed its mode
         elif legacy:
             value = column_type._codec.from_legacy(stored)
         else:

@@ -45,10 +45,13 @@ from sqlalchemy.sql.elements import BinaryExpression, ColumnElement
 
 from ._codecs import Codec, codec_for
 from ._format import (
+    ALG_RANDOMIZED,
     DETERMINISTIC_OVERHEAD,
     HEADER_SIZE,
     MAX_OVERHEAD,
+    NONCE_SIZE,
     RANDOMIZED_OVERHEAD,
+    SALT_SIZE,
     column_aad,
     parse_header,
 )
@@ -127,6 +130,9 @@ def _operator_name(op: Any) -> str:
 
 # no stored value is shorter: anything shorter goes to the complete path, which rejects it
 _SHORTEST = min(RANDOMIZED_OVERHEAD, DETERMINISTIC_OVERHEAD)
+# a randomized value: header, salt (together they pick the subkey), nonce, ciphertext
+_OPENER_PREFIX = HEADER_SIZE + SALT_SIZE
+_CIPHERTEXT_START = _OPENER_PREFIX + NONCE_SIZE
 
 # VARBINARY up to this size on MySQL/MariaDB (indexable, inside the row); BLOBs beyond.
 _MYSQL_VARBINARY_MAX = 8192
@@ -201,10 +207,18 @@ class _EncryptedComparator(sqltypes.TypeDecorator.Comparator[Any]):
         if any(_is_sql_expression(value) for value in values):
             raise self._refuse(op, _COLUMN_COMPARISON_HINT)
         column_type: KMSEncrypted = self.type  # type: ignore[assignment]
-        slots = SEARCH_SLOTS + (1 if column_type.accept_plaintext else 0)
-        terms = [(value, slot) for value in values for slot in range(slots)]
-        param = bindparam(None, terms, type_=_SearchTerm(column_type), expanding=True, unique=True)
-        return super().operate(operators.not_in_op if negate else operators.in_op, param)
+        term_type = column_type._search_term
+        slots = range(SEARCH_SLOTS + (1 if column_type.accept_plaintext else 0))
+        membership = operators.not_in_op if negate else operators.in_op
+        if op in _EQUALITY:
+            # one value: a fixed list of parameters, so no expansion per execution
+            params = [
+                bindparam(None, (values[0], slot), type_=term_type, unique=True) for slot in slots
+            ]
+            return super().operate(membership, params)
+        terms = [(value, slot) for value in values for slot in slots]
+        param = bindparam(None, terms, type_=term_type, expanding=True, unique=True)
+        return super().operate(membership, param)
 
 
 class KMSEncrypted(sqltypes.TypeDecorator[Any]):
@@ -272,6 +286,14 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         self._binding: _Binding | None = None
         self._column: Column[Any] | None = None
         super().__init__()
+
+    @property
+    def _search_term(self) -> _SearchTerm:
+        """The bind type of this column's equality operands (one per column)."""
+        term = self.__dict__.get("_search_term_type")
+        if term is None or term.column_type is not self:  # none yet, or copied from another
+            term = self.__dict__["_search_term_type"] = _SearchTerm(self)
+        return term
 
     def __repr__(self) -> str:
         extra = ", deterministic=True" if self.deterministic else ""
@@ -362,14 +384,25 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         aad = binding.aad
         encode = self._codec.encode
         clock = time.monotonic
+        # SQLite's driver binds a bytearray faster than bytes
+        as_bytearray = dialect.name == "sqlite"
+        # (cipher, header || aad) of the active key: one tuple, replaced whole
+        associated: tuple[Any, bytes] = (None, b"")
 
         def process(value: Any) -> Any:
+            nonlocal associated
             vault = getattr(dialect, _VAULT_ATTR, None)
             if value is not None and vault is not None:
                 entry = vault._active.get(active_key)
                 if entry is not None and clock() < entry[1]:
+                    cipher, assoc = associated
+                    if cipher is not entry[0]:
+                        cipher = entry[0]
+                        assoc = cipher.header + aad
+                        associated = (cipher, assoc)
                     try:
-                        return entry[0].encrypt(encode(value), aad)
+                        stored = cipher.seal(encode(value), assoc)
+                        return bytearray(stored) if as_bytearray else stored
                     except SQLAlchemyKMSError:
                         pass  # the complete path raises it with its context
             return complete(value, dialect)
@@ -383,16 +416,27 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
             return lambda value: complete(value, dialect)
         scope, column, aad = binding.scope, binding.column, binding.aad
         decode = self._codec.decode
+        clock = time.monotonic
 
         def process(value: Any) -> Any:
             vault = getattr(dialect, _VAULT_ATTR, None)
             if value.__class__ is bytes and len(value) >= _SHORTEST and vault is not None:
-                cipher = vault.reader(scope, value[:HEADER_SIZE])
-                if cipher is not None:
-                    try:
+                try:
+                    if value[1] == ALG_RANDOMIZED:  # one hit: the subkey of header || salt
+                        entry = vault._openers.get(value[:_OPENER_PREFIX])
+                        if entry is not None and clock() < entry[1]:
+                            return decode(
+                                entry[0].decrypt(
+                                    value[_OPENER_PREFIX:_CIPHERTEXT_START],
+                                    value[_CIPHERTEXT_START:],
+                                    value[:HEADER_SIZE] + aad,
+                                )
+                            )
+                    cipher = vault.reader(scope, value[:HEADER_SIZE])
+                    if cipher is not None:
                         return decode(cipher.open(value, aad, scope, column))
-                    except Exception:  # the complete path raises the documented error
-                        pass
+                except Exception:  # the complete path raises the documented error
+                    pass
             return complete(value, dialect)
 
         return process
@@ -518,11 +562,11 @@ class _SearchTerm(sqltypes.TypeDecorator[Any]):
                     table=binding.scope,
                     column=binding.column,
                 )
-            plaintext = column_type._codec.encode(plain)
             if slot == SEARCH_SLOTS:  # transition mode: the value as plaintext
                 return _plaintext_form(column_type._codec.legacy_text(plain), dialect)
             if slot >= len(ciphers):
                 return _NEVER_STORED
+            plaintext = column_type._codec.encode(plain)
             token: bytes = ciphers[slot].encrypt_deterministic(
                 plaintext, binding.scope, binding.column, binding.aad
             )

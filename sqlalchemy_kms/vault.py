@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import (
     Column,
     DateTime,
@@ -69,7 +70,14 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Dialect, Engine
 
 from ._cipher import DataKeyCipher
-from ._format import ALG_DETERMINISTIC, ALG_RANDOMIZED, HEADER_SIZE, pack_header, parse_header
+from ._format import (
+    ALG_DETERMINISTIC,
+    ALG_RANDOMIZED,
+    HEADER_SIZE,
+    SALT_SIZE,
+    pack_header,
+    parse_header,
+)
 from .audit import key_event, kms_call
 from .cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
 from .errors import KeyTableMissingError, UnknownKeyVersionError
@@ -94,6 +102,9 @@ SEARCH: Final = "search"
 KeyRing = tuple[str, str]
 
 _VAULT_ATTR: Final = "_sqlalchemy_kms_vault"
+# header and salt: what picks the subkey of a randomized value
+_OPENER_PREFIX: Final = HEADER_SIZE + SALT_SIZE
+_MAX_OPENERS: Final = 4096
 _PENDING_INFO: Final = "sqlalchemy_kms.pending"
 
 # The connection bound with KeyVault.using() in this thread/task.
@@ -210,6 +221,7 @@ class KeyVault:
         self._active: dict[KeyRing, tuple[DataKeyCipher, float]] = {}
         self._search: dict[str, tuple[list[DataKeyCipher], float]] = {}
         self._readers: dict[tuple[str, bytes], tuple[DataKeyCipher, float]] = {}
+        self._openers: dict[bytes, tuple[AESGCM, float]] = {}
         self._result_rings: weakref.WeakKeyDictionary[Any, frozenset[KeyRing]] = (
             weakref.WeakKeyDictionary()
         )
@@ -259,6 +271,7 @@ class KeyVault:
             self._active.clear()
             self._search.clear()
             self._readers.clear()
+            self._openers.clear()
             self._preloaded.clear()
         self.cache.clear()
 
@@ -497,6 +510,7 @@ class KeyVault:
             self._active.pop(ring, None)
             self._search.pop(ring[0], None)
             self._readers.clear()
+            self._openers.clear()
             self._preloaded.clear()
 
     def key_versions(self, table: Table | str, *, search: bool = False) -> list[int]:
@@ -889,7 +903,29 @@ class KeyVault:
         cipher = self.cache.get((*ring, version)) or self._cipher(ring, version)
         plaintext = cipher.decrypt(stored, aad, algorithm=algorithm, scope=scope, column=column)
         self._remember_reader(scope, stored[:HEADER_SIZE], cipher, (*ring, version))
+        if algorithm == ALG_RANDOMIZED:
+            self._remember_opener(stored, cipher, (*ring, version))
         return plaintext
+
+    def _remember_opener(
+        self, stored: bytes, cipher: DataKeyCipher, key: tuple[str, str, int]
+    ) -> None:
+        """Map a randomized value's ``header || salt`` to the subkey that opens it."""
+        openers = self._openers
+        if len(openers) >= _MAX_OPENERS:
+            openers.clear()
+        openers[stored[:_OPENER_PREFIX]] = (
+            cipher.subkey(stored[HEADER_SIZE:_OPENER_PREFIX]),
+            self.cache.expires_at(key),
+        )
+
+    def opener(self, prefix: bytes) -> AESGCM | None:
+        """The AES-GCM subkey of a randomized value's first 14 bytes (header and salt),
+        if known and fresh: the hot path of reads; ``None`` sends it to :meth:`decrypt`."""
+        entry = self._openers.get(prefix)
+        if entry is not None and time.monotonic() < entry[1]:
+            return entry[0]
+        return None
 
     def _remember_reader(
         self, scope: str, header: bytes, cipher: DataKeyCipher, key: tuple[str, str, int]
