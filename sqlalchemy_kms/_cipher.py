@@ -34,7 +34,7 @@ import itertools
 import os
 import threading
 from collections.abc import Iterator
-from typing import Final
+from typing import Final, Literal, overload
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
@@ -160,18 +160,36 @@ class DataKeyCipher:
         prefix, aead = self._writer
         return prefix + nonce + aead.encrypt(nonce, plaintext, self._rand_header + aad)
 
-    def seal(self, plaintext: bytes, associated: bytes) -> bytes:
+    @overload
+    def seal(
+        self, plaintext: bytes, associated: bytes, *, mutable: Literal[False] = ...
+    ) -> bytes: ...
+
+    @overload
+    def seal(self, plaintext: bytes, associated: bytes, *, mutable: bool) -> bytes | bytearray: ...
+
+    def seal(
+        self, plaintext: bytes, associated: bytes, *, mutable: bool = False
+    ) -> bytes | bytearray:
         """:meth:`encrypt` with the associated data given whole: ``header || aad``.
 
         The hot path of :class:`~sqlalchemy_kms.KMSEncrypted` writes, which
         keep ``header || aad`` per column instead of building it per value.
+        ``mutable=True`` builds the value as a ``bytearray`` (SQLite's driver
+        binds those faster), at no extra copy.
         """
         writer = self._writer
         if next(self._counter) >= SUBKEY_ENCRYPTIONS:
             writer = self._rotate_writer(writer)
         prefix, aead = writer
         nonce = os.urandom(NONCE_SIZE)
-        return prefix + nonce + aead.encrypt(nonce, plaintext, associated)
+        sealed = aead.encrypt(nonce, plaintext, associated)
+        if mutable:
+            stored = bytearray(prefix)
+            stored += nonce
+            stored += sealed
+            return stored
+        return prefix + nonce + sealed
 
     def subkey(self, salt: bytes) -> AESGCM:
         """The AES-GCM object of one writer's subkey (derived once, then kept)."""

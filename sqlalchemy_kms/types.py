@@ -401,8 +401,7 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
                         assoc = cipher.header + aad
                         associated = (cipher, assoc)
                     try:
-                        stored = cipher.seal(encode(value), assoc)
-                        return bytearray(stored) if as_bytearray else stored
+                        return cipher.seal(encode(value), assoc, mutable=as_bytearray)
                     except SQLAlchemyKMSError:
                         pass  # the complete path raises it with its context
             return complete(value, dialect)
