@@ -41,7 +41,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect, Engine, ExceptionContext
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import BinaryExpression, ColumnElement
+from sqlalchemy.sql.elements import BinaryExpression, ClauseList, ColumnElement, Grouping
 
 from ._codecs import Codec, codec_for
 from ._format import (
@@ -64,7 +64,7 @@ from .errors import (
     UnsupportedQueryError,
     VaultNotFoundError,
 )
-from .vault import _VAULT_ATTR, DATA, table_scope, vault_for
+from .vault import _VAULT_ATTR, DATA, SEARCH, table_scope, vault_for
 
 __all__ = ["KMSEncrypted"]
 
@@ -76,7 +76,8 @@ SEARCH_SLOTS = 4
 _EQUALITY = {operators.eq: False, operators.ne: True}
 _MEMBERSHIP = {operators.in_op: False, operators.not_in_op: True}
 _NULL_TESTS = {operators.is_, operators.is_not}
-_NEVER_STORED = b""  # no stored value is empty: matches nothing, even under NOT IN
+_NEVER_STORED = b""
+_BOOLEAN = sqltypes.Boolean()  # no stored value is empty: matches nothing, even under NOT IN
 
 _RANDOMIZED_HINT = (
     "Only IS NULL / IS NOT NULL work on a randomized column; for equality use "
@@ -215,7 +216,13 @@ class _EncryptedComparator(sqltypes.TypeDecorator.Comparator[Any]):
             params = [
                 bindparam(None, (values[0], slot), type_=term_type, unique=True) for slot in slots
             ]
-            return super().operate(membership, params)
+            return BinaryExpression(
+                self.expr,
+                Grouping(ClauseList(*params)),
+                membership,
+                negate=operators.in_op if negate else operators.not_in_op,
+                type_=_BOOLEAN,
+            )
         terms = [(value, slot) for value in values for slot in slots]
         param = bindparam(None, terms, type_=term_type, expanding=True, unique=True)
         return super().operate(membership, param)
@@ -378,8 +385,10 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
     def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any]:
         complete = self.process_bind_param
         binding = self._binding
-        if binding is None or self.deterministic or self.normalize is not None:
+        if binding is None or self.normalize is not None:
             return lambda value: complete(value, dialect)
+        if self.deterministic:
+            return self._deterministic_bind_processor(dialect, binding)
         active_key = (binding.scope, DATA)
         aad = binding.aad
         encode = self._codec.encode
@@ -402,6 +411,28 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
                         associated = (cipher, assoc)
                     try:
                         return cipher.seal(encode(value), assoc, mutable=as_bytearray)
+                    except SQLAlchemyKMSError:
+                        pass  # the complete path raises it with its context
+            return complete(value, dialect)
+
+        return process
+
+    def _deterministic_bind_processor(
+        self, dialect: Dialect, binding: _Binding
+    ) -> Callable[[Any], Any]:
+        complete = self.process_bind_param
+        active_key = (binding.scope, SEARCH)
+        scope, column, aad = binding.scope, binding.column, binding.aad
+        encode = self._codec.encode
+        clock = time.monotonic
+
+        def process(value: Any) -> Any:
+            vault = getattr(dialect, _VAULT_ATTR, None)
+            if value is not None and vault is not None:
+                entry = vault._active.get(active_key)
+                if entry is not None and clock() < entry[1]:
+                    try:
+                        return entry[0].encrypt_deterministic(encode(value), scope, column, aad)
                     except SQLAlchemyKMSError:
                         pass  # the complete path raises it with its context
             return complete(value, dialect)
@@ -539,6 +570,35 @@ class _SearchTerm(sqltypes.TypeDecorator[Any]):
     def __init__(self, column_type: KMSEncrypted) -> None:
         self.column_type = column_type
         super().__init__()
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any]:
+        complete = self.process_bind_param
+        column_type = self.column_type
+        binding = column_type._binding
+        if binding is None or column_type.normalize is not None:
+            return lambda value: complete(value, dialect)
+        scope, column, aad = binding.scope, binding.column, binding.aad
+        encode = column_type._codec.encode
+        clock = time.monotonic
+
+        def process(value: Any) -> Any:
+            plain, slot = value
+            vault = getattr(dialect, _VAULT_ATTR, None)
+            if plain is not None and vault is not None and slot < SEARCH_SLOTS:
+                entry = vault._search.get(scope)
+                if entry is not None and clock() < entry[1] and len(entry[0]) <= SEARCH_SLOTS:
+                    ciphers = entry[0]
+                    if slot >= len(ciphers):
+                        return _NEVER_STORED
+                    try:
+                        return ciphers[slot].encrypt_deterministic(
+                            encode(plain), scope, column, aad
+                        )
+                    except SQLAlchemyKMSError:
+                        pass  # the complete path raises it with its context
+            return complete(value, dialect)
+
+        return process
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         plain, slot = value

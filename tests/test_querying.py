@@ -84,6 +84,8 @@ CONDITIONS: dict[str, Callable[[Table], Any]] = {
     "eq_empty_string": lambda t: t.c.email == "",
     "eq_no_match": lambda t: t.c.email == "nobody@example.com",
     "ne": lambda t: t.c.email != "kim@example.com",
+    "negated_eq": lambda t: ~(t.c.email == "kim@example.com"),
+    "negated_ne": lambda t: ~(t.c.email != "kim@example.com"),
     "in": lambda t: t.c.email.in_(["lee@example.com", "park@example.com", "x@y.z"]),
     "in_with_none": lambda t: t.c.email.in_(["lee@example.com", None]),
     "in_empty": lambda t: t.c.email.in_([]),
