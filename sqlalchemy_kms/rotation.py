@@ -54,7 +54,7 @@ from sqlalchemy.types import NullType, _Binary
 
 from ._format import ALG_DETERMINISTIC, ALG_RANDOMIZED, HEADER_SIZE, pack_header, parse_header
 from .audit import kms_call
-from .errors import InvalidCiphertextError, KeyLifecycleError, SQLAlchemyKMSError
+from .errors import InvalidCiphertextError, KeyLifecycleError
 from .providers.base import KeyProvider, encryption_context
 from .types import KMSEncrypted
 from .vault import DATA, SEARCH, table_scope
@@ -242,30 +242,25 @@ def _encrypting_transform(vault: KeyVault, table: Table, *, legacy: bool) -> Tra
             targets[SEARCH] = pack_header(ALG_DETERMINISTIC, version)
         return targets[SEARCH]  # type: ignore[return-value]
 
+    dialect = vault.engine.dialect
+    # the column types' own processors: their fast paths, and their errors
+    processors: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {}
+
     def transform(column: Column[Any], stored: Any) -> Any:
         if stored is None:
             return None
         column_type: KMSEncrypted = column.type  # type: ignore[assignment]
-        binding = column_type._binding
-        assert binding is not None
         raw = _as_bytes(stored)
-        encrypted = raw is not None and _parses(raw)
-        if encrypted:
-            assert raw is not None
-            if raw[:HEADER_SIZE] == target_header(column_type):
-                return None
-            try:
-                plaintext = vault.decrypt(binding.scope, binding.column, binding.aad, raw)
-            except SQLAlchemyKMSError as error:
-                error.table, error.column = error.table or scope, error.column or column.name
-                error.args = (error._render(),)
-                raise
-            if raw[1] == target_header(column_type)[1]:
-                # same algorithm, older key: the plaintext bytes go straight back in
-                if column_type.deterministic:
-                    return vault.encrypt_deterministic(scope, column.name, binding.aad, plaintext)
-                return vault.encrypt(scope, binding.aad, plaintext)
-            value = column_type._codec.decode(plaintext)  # the column changed its mode
+        if raw is not None and raw[:HEADER_SIZE] == target_header(column_type):
+            return None  # already under the active key
+        if column.name not in processors:
+            processors[column.name] = (
+                column_type.result_processor(dialect, None),
+                column_type.bind_processor(dialect),
+            )
+        decrypt, encrypt = processors[column.name]
+        if raw is not None and _parses(raw):
+            value = decrypt(raw)
         elif legacy:
             value = column_type._codec.from_legacy(stored)
         else:
@@ -274,7 +269,7 @@ def _encrypting_transform(vault: KeyVault, table: Table, *, legacy: bool) -> Tra
                 table=scope,
                 column=column.name,
             )
-        return column_type.process_bind_param(value, vault.engine.dialect)
+        return encrypt(value)
 
     return transform
 
