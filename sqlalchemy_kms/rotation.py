@@ -154,6 +154,12 @@ def rewrite_rows(
     state = Progress(table=table_scope(table), total=total)
     last: tuple[Any, ...] | None = None
     statements: dict[tuple[str, ...], Any] = {}
+    # bind names, made once: pk_0.. for the key, old_/new_<column> per cell
+    pk_names = [f"pk_{i}" for i in range(len(primary_key))]
+    cells = [
+        (len(primary_key) + offset, column, f"old_{column.name}", f"new_{column.name}")
+        for offset, column in enumerate(columns)
+    ]
     pk_key = tuple_(*primary_key) if len(primary_key) > 1 else primary_key[0]
     while True:
         query = select(*primary_key, *(_raw(c) for c in columns))
@@ -166,15 +172,15 @@ def rewrite_rows(
                 break
             groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for row in rows:
-                params: dict[str, Any] = {f"pk_{i}": row[i] for i in range(len(primary_key))}
+                params: dict[str, Any] = dict(zip(pk_names, row, strict=False))
                 changed = []
-                for offset, column in enumerate(columns):
-                    stored = row[len(primary_key) + offset]
+                for position, column, old_name, new_name in cells:
+                    stored = row[position]
                     new = transform(column, stored)
                     if new is not None:
                         changed.append(column.name)
-                        params[f"old_{column.name}"] = stored
-                        params[f"new_{column.name}"] = new
+                        params[old_name] = stored
+                        params[new_name] = new
                 if changed:
                     groups.setdefault(tuple(changed), []).append(params)
             for names, batch in groups.items():
