@@ -403,7 +403,7 @@ def test_reprs_and_errors_hold_no_secrets(engine: Engine, vault: KeyVault) -> No
 
 def test_warm_up_loads_every_key_so_reads_make_no_kms_call(engine: Engine, kms: AwsKms) -> None:
     metadata = MetaData()
-    patients, visits = people_tables(metadata)
+    patients, _ = people_tables(metadata)
     writer = KeyVault(engine, kms)
     writer.create_table()
     metadata.create_all(engine)
