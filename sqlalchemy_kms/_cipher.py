@@ -47,7 +47,9 @@ from ._format import (
     GCM_SUBKEY_INFO,
     HEADER_SIZE,
     NONCE_SIZE,
+    RANDOMIZED_CIPHERTEXT_OFFSET,
     SALT_SIZE,
+    SUBKEY_PREFIX_SIZE,
     column_aad,
     pack_header,
     siv_key_info,
@@ -65,8 +67,6 @@ MAX_READER_SUBKEYS: Final = 4096
 
 DATA_KEY_SIZE: Final = 32
 
-_SALT_END: Final = HEADER_SIZE + SALT_SIZE
-_NONCE_END: Final = _SALT_END + NONCE_SIZE
 
 
 def derive_gcm_subkey(data_key: bytes, salt: bytes) -> bytes:
@@ -232,10 +232,9 @@ class DataKeyCipher:
         """
         header = stored[:HEADER_SIZE]
         if stored[1] == ALG_RANDOMIZED:
-            aead = self._readers.get(stored[HEADER_SIZE:_SALT_END]) or self._reader(
-                stored[HEADER_SIZE:_SALT_END]
-            )
-            return aead.decrypt(stored[_SALT_END:_NONCE_END], stored[_NONCE_END:], header + aad)
+            aead = self.subkey(stored[HEADER_SIZE:SUBKEY_PREFIX_SIZE])
+            nonce = stored[SUBKEY_PREFIX_SIZE:RANDOMIZED_CIPHERTEXT_OFFSET]
+            return aead.decrypt(nonce, stored[RANDOMIZED_CIPHERTEXT_OFFSET:], header + aad)
         return self._column_siv(scope, column).decrypt(stored[HEADER_SIZE:], [header + aad])
 
     def decrypt(

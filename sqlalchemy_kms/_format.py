@@ -51,6 +51,11 @@ NONCE_SIZE: Final = 12
 TAG_SIZE: Final = 16
 SIV_TAG_SIZE: Final = 16
 
+#: A randomized value's header and salt: together they pick the subkey.
+SUBKEY_PREFIX_SIZE: Final = HEADER_SIZE + SALT_SIZE
+#: Where a randomized value's ciphertext (after header, salt and nonce) starts.
+RANDOMIZED_CIPHERTEXT_OFFSET: Final = SUBKEY_PREFIX_SIZE + NONCE_SIZE
+
 #: Bytes a randomized value adds to its plaintext.
 RANDOMIZED_OVERHEAD: Final = HEADER_SIZE + SALT_SIZE + NONCE_SIZE + TAG_SIZE
 #: Bytes a deterministic value adds to its plaintext.

@@ -49,9 +49,9 @@ from ._format import (
     DETERMINISTIC_OVERHEAD,
     HEADER_SIZE,
     MAX_OVERHEAD,
-    NONCE_SIZE,
+    RANDOMIZED_CIPHERTEXT_OFFSET,
     RANDOMIZED_OVERHEAD,
-    SALT_SIZE,
+    SUBKEY_PREFIX_SIZE,
     column_aad,
     parse_header,
 )
@@ -76,8 +76,8 @@ SEARCH_SLOTS = 4
 _EQUALITY = {operators.eq: False, operators.ne: True}
 _MEMBERSHIP = {operators.in_op: False, operators.not_in_op: True}
 _NULL_TESTS = {operators.is_, operators.is_not}
-_NEVER_STORED = b""
-_BOOLEAN = sqltypes.Boolean()  # no stored value is empty: matches nothing, even under NOT IN
+_NEVER_STORED = b""  # no stored value is empty: matches nothing, even under NOT IN
+_BOOLEAN = sqltypes.Boolean()
 
 _RANDOMIZED_HINT = (
     "Only IS NULL / IS NOT NULL work on a randomized column; for equality use "
@@ -131,9 +131,6 @@ def _operator_name(op: Any) -> str:
 
 # no stored value is shorter: anything shorter goes to the complete path, which rejects it
 _SHORTEST = min(RANDOMIZED_OVERHEAD, DETERMINISTIC_OVERHEAD)
-# a randomized value: header, salt (together they pick the subkey), nonce, ciphertext
-_OPENER_PREFIX = HEADER_SIZE + SALT_SIZE
-_CIPHERTEXT_START = _OPENER_PREFIX + NONCE_SIZE
 
 # VARBINARY up to this size on MySQL/MariaDB (indexable, inside the row); BLOBs beyond.
 _MYSQL_VARBINARY_MAX = 8192
@@ -453,12 +450,12 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
             if value.__class__ is bytes and len(value) >= _SHORTEST and vault is not None:
                 try:
                     if value[1] == ALG_RANDOMIZED:  # one hit: the subkey of header || salt
-                        entry = vault._openers.get(value[:_OPENER_PREFIX])
+                        entry = vault._openers.get(value[:SUBKEY_PREFIX_SIZE])
                         if entry is not None and clock() < entry[1]:
                             return decode(
                                 entry[0].decrypt(
-                                    value[_OPENER_PREFIX:_CIPHERTEXT_START],
-                                    value[_CIPHERTEXT_START:],
+                                    value[SUBKEY_PREFIX_SIZE:RANDOMIZED_CIPHERTEXT_OFFSET],
+                                    value[RANDOMIZED_CIPHERTEXT_OFFSET:],
                                     value[:HEADER_SIZE] + aad,
                                 )
                             )

@@ -74,7 +74,7 @@ from ._format import (
     ALG_DETERMINISTIC,
     ALG_RANDOMIZED,
     HEADER_SIZE,
-    SALT_SIZE,
+    SUBKEY_PREFIX_SIZE,
     pack_header,
     parse_header,
 )
@@ -102,8 +102,6 @@ SEARCH: Final = "search"
 KeyRing = tuple[str, str]
 
 _VAULT_ATTR: Final = "_sqlalchemy_kms_vault"
-# header and salt: what picks the subkey of a randomized value
-_OPENER_PREFIX: Final = HEADER_SIZE + SALT_SIZE
 _MAX_OPENERS: Final = 4096
 _PENDING_INFO: Final = "sqlalchemy_kms.pending"
 
@@ -914,8 +912,8 @@ class KeyVault:
         openers = self._openers
         if len(openers) >= _MAX_OPENERS:
             openers.clear()
-        openers[stored[:_OPENER_PREFIX]] = (
-            cipher.subkey(stored[HEADER_SIZE:_OPENER_PREFIX]),
+        openers[stored[:SUBKEY_PREFIX_SIZE]] = (
+            cipher.subkey(stored[HEADER_SIZE:SUBKEY_PREFIX_SIZE]),
             self.cache.expires_at(key),
         )
 
