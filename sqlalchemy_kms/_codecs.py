@@ -48,7 +48,7 @@ class Codec:
     :meth:`from_legacy` parses when a plaintext column is encrypted).
     """
 
-    __slots__ = ("decode", "encode", "legacy_text", "max_size", "name")
+    __slots__ = ("_parse_legacy", "decode", "encode", "legacy_text", "max_size", "name")
 
     def __init__(
         self,
@@ -57,12 +57,14 @@ class Codec:
         decode: Callable[[bytes], Any],
         max_size: int | None,
         legacy_text: Callable[[Any], bytes] | None = None,
+        parse_legacy: Callable[[bytes], Any] | None = None,
     ) -> None:
         self.name = name
         self.encode = encode
         self.decode = decode
         self.max_size = max_size
         self.legacy_text = legacy_text or encode
+        self._parse_legacy = parse_legacy or decode
 
     def from_legacy(self, raw: Any) -> Any:
         """The value of a plaintext cell as the database driver returned it.
@@ -85,7 +87,7 @@ class Codec:
             data = json.dumps(raw).encode("utf-8")
         else:
             data = str(raw).encode("utf-8")
-        return _LEGACY_PARSERS.get(self.name, self.decode)(data)
+        return self._parse_legacy(data)
 
     def __repr__(self) -> str:
         return f"<Codec {self.name} max_size={self.max_size}>"
@@ -226,7 +228,10 @@ def _boolean_codec(inner: sqltypes.Boolean) -> Codec:
             return False
         raise ValueError("not a boolean")
 
-    return Codec("Boolean", encode, decode, 1, lambda v: b"1" if encode(v) == b"\x01" else b"0")
+    def legacy_text(value: Any) -> bytes:
+        return b"1" if encode(value) == b"\x01" else b"0"
+
+    return Codec("Boolean", encode, decode, 1, legacy_text, _legacy_boolean)
 
 
 def _datetime_codec(inner: sqltypes.DateTime) -> Codec:
@@ -285,7 +290,15 @@ def _uuid_codec(inner: sqltypes.Uuid[Any]) -> Codec:
         value = uuid.UUID(bytes=raw)
         return value if as_uuid else str(value)
 
-    return Codec("Uuid", encode, decode, 16, lambda v: str(uuid.UUID(bytes=encode(v))).encode())
+    def legacy_text(value: Any) -> bytes:
+        return str(uuid.UUID(bytes=encode(value))).encode("ascii")
+
+    def parse_legacy(data: bytes) -> Any:
+        # a binary UUID column holds 16 bytes; a text one, the UUID's text
+        value = uuid.UUID(bytes=data) if len(data) == 16 else uuid.UUID(data.decode("ascii"))
+        return value if as_uuid else str(value)
+
+    return Codec("Uuid", encode, decode, 16, legacy_text, parse_legacy)
 
 
 def _json_codec(inner: sqltypes.JSON) -> Codec:
@@ -330,16 +343,6 @@ def _legacy_boolean(data: bytes) -> bool:
     if text in ("0", "f", "false", "n", "no", "off"):
         return False
     raise ValueError("not a boolean")
-
-
-def _legacy_uuid(data: bytes) -> uuid.UUID:
-    return uuid.UUID(bytes=data) if len(data) == 16 else uuid.UUID(data.decode("ascii"))
-
-
-_LEGACY_PARSERS: dict[str, Callable[[bytes], Any]] = {
-    "Boolean": _legacy_boolean,
-    "Uuid": _legacy_uuid,
-}
 
 
 # Order matters: Enum is a String, Float a Numeric, DateTime not a Date.

@@ -636,6 +636,13 @@ def _models_option(*, required: bool) -> Callable[[Callable[..., Any]], Callable
     )
 
 
+def _batch_size_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--batch-size``: rows per batch of a job that walks a table."""
+    return click.option(
+        "--batch-size", type=click.IntRange(min=1), default=1000, show_default=True, help=help
+    )
+
+
 def _table_option(
     *, required: bool, help: str
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -1006,13 +1013,7 @@ def _reencrypt(vault: KeyVault, table: Table, batch_size: int) -> Progress:
     is_flag=True,
     help="Re-encrypt the table's rows under the new key right after.",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=1000,
-    show_default=True,
-    help="Rows per transaction for --reencrypt.",
-)
+@_batch_size_option("Rows per transaction for --reencrypt.")
 @click.pass_context
 def rotate(
     ctx: click.Context,
@@ -1062,13 +1063,7 @@ def rotate(
 @_models_option(required=True)
 @_key_table_option
 @_table_option(required=True, help="The table to re-encrypt.")
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=1000,
-    show_default=True,
-    help="Rows read and rewritten per transaction.",
-)
+@_batch_size_option("Rows read and rewritten per transaction.")
 @click.pass_context
 def reencrypt(
     ctx: click.Context,
@@ -1529,13 +1524,7 @@ def _print_verify(checks: Sequence[_TableCheck]) -> None:
 @_models_option(required=True)
 @_key_table_option
 @_table_option(required=False, help="Verify this table only (default: every encrypted table).")
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=1000,
-    show_default=True,
-    help="Rows read per query.",
-)
+@_batch_size_option("Rows read per query.")
 @click.option(
     "--show",
     "shown",

@@ -887,13 +887,6 @@ class KeyVault:
             cipher = self._active_cipher(scope, SEARCH)
         return cipher.encrypt_deterministic(plaintext, scope, column, aad)
 
-    def search_tokens(self, scope: str, column: str, aad: bytes, plaintext: bytes) -> list[bytes]:
-        """The stored forms ``plaintext`` has under every enabled search key, newest first."""
-        return [
-            cipher.encrypt_deterministic(plaintext, scope, column, aad)
-            for cipher in self._search_ciphers(scope)
-        ]
-
     def decrypt(self, scope: str, column: str, aad: bytes, stored: bytes) -> bytes:
         """Decrypt one stored value of the column bound by ``aad``."""
         algorithm, version = parse_header(stored)
@@ -916,14 +909,6 @@ class KeyVault:
             cipher.subkey(stored[HEADER_SIZE:SUBKEY_PREFIX_SIZE]),
             self.cache.expires_at(key),
         )
-
-    def opener(self, prefix: bytes) -> AESGCM | None:
-        """The AES-GCM subkey of a randomized value's first 14 bytes (header and salt),
-        if known and fresh: the hot path of reads; ``None`` sends it to :meth:`decrypt`."""
-        entry = self._openers.get(prefix)
-        if entry is not None and time.monotonic() < entry[1]:
-            return entry[0]
-        return None
 
     def _remember_reader(
         self, scope: str, header: bytes, cipher: DataKeyCipher, key: tuple[str, str, int]

@@ -195,12 +195,15 @@ def test_rewrap_under_a_new_cmk_survives_the_old_one_being_disabled(
     client = kms_client(kms_endpoint)
     new_cmk = client.create_key(Description="second CMK")["KeyMetadata"]
     old_arn = client.describe_key(KeyId=kms.master_key_id)["KeyMetadata"]["Arn"]
-    rewrapped = kms.client.meta.events
+    target_client = kms_client(kms_endpoint)
     calls: list[str] = []
-    rewrapped.register("before-call.kms", lambda model, **kw: calls.append(model.name))
+    target_client.meta.events.register(
+        "before-call.kms", lambda model, **kw: calls.append(model.name)
+    )
     vault = KeyVault(engine, kms)
-    assert vault.rewrap(AwsKms(new_cmk["KeyId"], client=kms_client(kms_endpoint))) == 2
-    assert calls.count("ReEncrypt") == 0  # ReEncrypt goes through the new provider's client
+    assert vault.rewrap(AwsKms(new_cmk["KeyId"], client=target_client)) == 2
+    # KMS re-wraps each key itself: no Decrypt, so no data key in this process
+    assert calls.count("ReEncrypt") == 2 and "Decrypt" not in calls
     exported = vault.export_keys()["keys"]
     assert {k["master_key_id"] for k in exported} == {new_cmk["Arn"]}
 
