@@ -138,21 +138,20 @@ import importlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Literal
 
 from alembic.autogenerate import renderers
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations import MigrateOperation, Operations
 from alembic.operations.ops import CreateTableOp, DropTableOp
-from botocore.exceptions import BotoCoreError
 from sqlalchemy import Column, LargeBinary, MetaData, Table, inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import DDL
 
 from . import rotation
 from .errors import ConfigurationError, KeyLifecycleError
-from .providers import AwsKms, KeyProvider, LocalKms
+from .providers import KeyProvider
+from .providers.uri import provider_from_uri, provider_uri
 from .types import KMSEncrypted
 from .vault import DEFAULT_KEY_TABLE, KeyVault, key_table, vault_for
 
@@ -170,63 +169,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_AWS_SCHEME = "aws-kms://"
 _REFLECTED = "sqlalchemy_kms.reflected_types"
-_LOCAL_SCHEME = "local://"
 
 
 # -- providers from URIs -----------------------------------------------------------------
-
-
-def provider_from_uri(uri: str) -> KeyProvider:
-    """A key provider from a URI: ``aws-kms://KEY`` or ``local://PATH``.
-
-    ``KEY`` is an AWS KMS key id, key ARN, alias name (``alias/NAME``) or alias
-    ARN; the boto3 client is configured the usual way (environment, profiles,
-    ``AWS_ENDPOINT_URL_KMS``), and the region of a key or alias ARN is used
-    when one is given. ``PATH`` is a key file written by
-    :meth:`LocalKms.generate_key_file <sqlalchemy_kms.LocalKms.generate_key_file>`,
-    relative to the current directory unless absolute (development only).
-
-    >>> provider_from_uri("aws-kms://arn:aws:kms:eu-west-1:111122223333:alias/myapp")
-    AwsKms('arn:aws:kms:eu-west-1:111122223333:alias/myapp')
-
-    Raises :class:`~sqlalchemy_kms.errors.ConfigurationError` for an unknown
-    scheme, a missing or invalid key file, or an AWS client that cannot be set
-    up (no region configured, an unknown profile).
-    """
-    value = uri.strip()
-    if value.lower().startswith(_AWS_SCHEME):
-        key_id = value[len(_AWS_SCHEME) :]
-        if not key_id:
-            raise ConfigurationError(
-                "aws-kms:// needs a key after the scheme, e.g. aws-kms://alias/myapp"
-            )
-        parts = key_id.split(":", 5)
-        is_arn = len(parts) == 6 and parts[0] == "arn" and parts[2] == "kms" and parts[3]
-        try:
-            return AwsKms(key_id, region_name=parts[3] if is_arn else None)
-        except BotoCoreError as error:
-            raise ConfigurationError(
-                f"cannot set up the AWS KMS client for {uri.strip()}: {error} "
-                "(configure the region with AWS_REGION or a profile, or give a key ARN)"
-            ) from None
-    if value.lower().startswith(_LOCAL_SCHEME):
-        path = Path(value[len(_LOCAL_SCHEME) :]).expanduser()
-        if not str(path) or str(path) == ".":
-            raise ConfigurationError("local:// needs a key file path, e.g. local://master.key")
-        try:
-            return LocalKms(key_file=path)
-        except OSError as error:
-            raise ConfigurationError(
-                f"cannot read the local master key file {path}: {error.strerror or error}"
-            ) from None
-        except ValueError as error:
-            raise ConfigurationError(str(error)) from None
-    scheme = value.split("://", 1)[0] if "://" in value else value
-    raise ConfigurationError(
-        f"unknown KMS URI scheme {scheme!r}; use aws-kms://KEY or local://PATH"
-    )
 
 
 def _provider(provider: KeyProvider | str) -> KeyProvider:
@@ -235,17 +181,6 @@ def _provider(provider: KeyProvider | str) -> KeyProvider:
     if isinstance(provider, str):
         return provider_from_uri(provider)
     raise TypeError("provider must be a KeyProvider or a URI (aws-kms://KEY, local://PATH)")
-
-
-def _provider_uri(provider: KeyProvider | str) -> str:
-    if isinstance(provider, str):
-        return provider
-    if isinstance(provider, AwsKms):
-        return _AWS_SCHEME + provider.master_key_id
-    raise ValueError(
-        f"cannot render {provider!r} in a migration script: pass a URI "
-        "(aws-kms://KEY or local://PATH) to op.rewrap_kms_keys() instead"
-    )
 
 
 # -- finding the vault and the table ---------------------------------------------------
@@ -999,4 +934,4 @@ def _render_reencrypt_table(autogen_context: AutogenContext, op: ReencryptTableO
 @renderers.dispatch_for(RewrapKmsKeysOp)
 def _render_rewrap_kms_keys(autogen_context: AutogenContext, op: RewrapKmsKeysOp) -> str:
     options = _options(("table_name", op.table_name, None), ("schema", op.schema, None))
-    return f"op.rewrap_kms_keys({_provider_uri(op.provider)!r}{options})"
+    return f"op.rewrap_kms_keys({provider_uri(op.provider)!r}{options})"

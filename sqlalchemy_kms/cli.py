@@ -115,6 +115,7 @@ from .errors import (
 )
 from .providers import AwsKms, KeyProvider, LocalKms
 from .providers.base import GeneratedDataKey
+from .providers.uri import KmsUri, parse_kms_uri, region_of_arn
 from .rotation import Progress, TableStatus, encrypted_columns, key_rows
 from .types import KMSEncrypted
 from .vault import DATA, DEFAULT_KEY_TABLE, SEARCH, KeyVault, table_scope
@@ -143,67 +144,11 @@ DATABASE_FILE: Final = "demo.sqlite3"
 KEY_FILE: Final = "local-master.key"
 
 _PROG_NAME: Final = "sqlalchemy-kms"
-_AWS_SCHEME: Final = "aws-kms://"
-_LOCAL_SCHEME: Final = "local://"
 _HEX_WIDTH: Final = 24  # hex digits of a stored value shown after its header (and salt)
 _TEXT_WIDTH: Final = 60
 
 
 # -- the --kms option -----------------------------------------------------------
-
-
-class KmsUri(NamedTuple):
-    """A parsed ``--kms`` value.
-
-    ``scheme`` is ``"local"`` or ``"aws-kms"``. ``key_id`` is what follows the
-    scheme: for ``aws-kms`` the AWS KMS key (alias name, alias ARN, key ARN or
-    key id); for ``local`` the path of a :class:`~sqlalchemy_kms.LocalKms` key
-    file, or ``None`` for a bare ``local`` (the demo's own key file).
-    """
-
-    scheme: str
-    key_id: str | None = None
-
-    def __str__(self) -> str:
-        return self.scheme if self.key_id is None else f"{self.scheme}://{self.key_id}"
-
-
-def parse_kms_uri(uri: str) -> KmsUri:
-    """Parse ``local``, ``local://PATH`` or ``aws-kms://KEY``; :class:`ValueError`
-    for anything else.
-
-    >>> parse_kms_uri("aws-kms://alias/my-app-cmk")
-    KmsUri(scheme='aws-kms', key_id='alias/my-app-cmk')
-    >>> parse_kms_uri("local")
-    KmsUri(scheme='local', key_id=None)
-    >>> parse_kms_uri("local:///etc/app/master.key")
-    KmsUri(scheme='local', key_id='/etc/app/master.key')
-    """
-    value = uri.strip()
-    if value.lower() in ("local", "local://"):
-        return KmsUri("local")
-    if value.lower().startswith(_LOCAL_SCHEME):
-        return KmsUri("local", value[len(_LOCAL_SCHEME) :])
-    if value.lower().startswith(_AWS_SCHEME):
-        key_id = value[len(_AWS_SCHEME) :].strip()
-        if not key_id:
-            raise ValueError(
-                "aws-kms:// needs a key after the scheme, e.g. aws-kms://alias/my-app-cmk"
-            )
-        return KmsUri("aws-kms", key_id)
-    scheme = value.split("://", 1)[0] if "://" in value else value
-    raise ValueError(
-        f"unknown KMS {scheme!r}; use 'local', 'local://PATH' (a LocalKms key file) or "
-        "'aws-kms://KEY' (KEY: alias/NAME, an alias or key ARN, or a key id)"
-    )
-
-
-def _region_of_arn(key_id: str) -> str | None:
-    """The region named by a KMS key or alias ARN, ``None`` for other key ids."""
-    parts = key_id.split(":", 5)
-    if len(parts) == 6 and parts[0] == "arn" and parts[2] == "kms" and parts[3]:
-        return parts[3]
-    return None
 
 
 def _kms_option(ctx: click.Context, param: click.Parameter, value: str) -> KmsUri:
@@ -388,7 +333,7 @@ def _local_provider(folder: Path, path: str | None = None) -> tuple[LocalKms, Pa
 def _aws_provider(key_id: str, region: str | None) -> AwsKms:
     """An :class:`AwsKms` for ``key_id`` with a normally configured boto3 client."""
     try:
-        return AwsKms(key_id, region_name=region or _region_of_arn(key_id))
+        return AwsKms(key_id, region_name=region or region_of_arn(key_id))
     except BotoCoreError as error:
         raise click.ClickException(
             f"cannot set up the AWS KMS client: {_one_line(str(error))}"
