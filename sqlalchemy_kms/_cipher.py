@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Final, Literal, overload
 
@@ -67,6 +68,23 @@ MAX_READER_SUBKEYS: Final = 4096
 
 DATA_KEY_SIZE: Final = 32
 
+# every cipher of this process, so a forked child can give each a salt of its own
+_LIVE_CIPHERS: weakref.WeakSet[DataKeyCipher] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cipher in list(_LIVE_CIPHERS):
+        cipher._after_fork()
+
+
+def salt_prefix(stored: bytes) -> bytes:
+    """A randomized value's ``header || salt``: what picks the subkey that opens it."""
+    return stored[:SUBKEY_PREFIX_SIZE]
+
+
+def header_of(stored: bytes) -> bytes:
+    """A stored value's six header bytes."""
+    return stored[:HEADER_SIZE]
 
 
 def derive_gcm_subkey(data_key: bytes, salt: bytes) -> bytes:
@@ -89,6 +107,7 @@ class DataKeyCipher:
     """
 
     __slots__ = (
+        "__weakref__",
         "_counter",
         "_data_key",
         "_det_header",
@@ -113,6 +132,7 @@ class DataKeyCipher:
         #: ``(header || salt, AES-GCM object of the salt's subkey)`` of this writer
         self._writer: tuple[bytes, AESGCM] = self._new_writer(salt)
         self._counter: Iterator[int] = itertools.count()
+        _LIVE_CIPHERS.add(self)
 
     def __repr__(self) -> str:
         return f"<DataKeyCipher key_version={self.key_version}>"
@@ -135,6 +155,18 @@ class DataKeyCipher:
             # drop the oldest subkey; it is derived again if needed
             self._readers.pop(next(iter(self._readers)), None)
         self._readers[salt] = aead
+
+    def _after_fork(self) -> None:
+        """In a child process: a salt of its own (a salt shared with the parent would
+        put both processes' values under one subkey) and a new lock."""
+        self._lock = threading.Lock()
+        self._writer = self._new_writer()
+        self._counter = itertools.count()
+
+    @property
+    def writer_salt(self) -> bytes:
+        """The salt this process's randomized values are written under now."""
+        return self._writer[0][HEADER_SIZE:]
 
     def _rotate_writer(self, seen: tuple[bytes, AESGCM]) -> tuple[bytes, AESGCM]:
         with self._lock:
@@ -215,13 +247,28 @@ class DataKeyCipher:
     def encrypt_deterministic(
         self, plaintext: bytes, scope: str, column: str, aad: bytes | None = None
     ) -> bytes:
-        """Encrypt ``plaintext`` deterministically for one column."""
-        header = self._det_header
+        """Encrypt ``plaintext`` deterministically for one column (the checked entry
+        point: ``aad`` is built from ``scope`` and ``column`` when not given)."""
         binding = aad if aad is not None else column_aad(scope, column)
-        siv = self._column_siv(scope, column)
-        return header + siv.encrypt(plaintext, [header + binding])
+        return self.seal_deterministic(plaintext, scope, column, binding)
+
+    def seal_deterministic(self, plaintext: bytes, scope: str, column: str, aad: bytes) -> bytes:
+        """:meth:`encrypt_deterministic` with the column binding given: the hot path."""
+        header = self._det_header
+        siv = self._siv.get((scope, column)) or self._column_siv(scope, column)
+        return header + siv.encrypt(plaintext, [header + aad])
 
     # -- both ----------------------------------------------------------------
+
+    @staticmethod
+    def open_salted(aead: AESGCM, stored: bytes, aad: bytes) -> bytes:
+        """Decrypt a randomized value with the subkey of its salt, already found
+        (``aead`` from :meth:`subkey`): the hot path of reads."""
+        return aead.decrypt(
+            stored[SUBKEY_PREFIX_SIZE:RANDOMIZED_CIPHERTEXT_OFFSET],
+            stored[RANDOMIZED_CIPHERTEXT_OFFSET:],
+            stored[:HEADER_SIZE] + aad,
+        )
 
     def open(self, stored: bytes, aad: bytes, scope: str, column: str) -> bytes:
         """Decrypt a value whose header is known to name this cipher's key and whose
@@ -265,3 +312,7 @@ class DataKeyCipher:
                 "another column, table or key",
                 key_version=self.key_version,
             ) from None
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork()
+    os.register_at_fork(after_in_child=_after_fork_in_child)

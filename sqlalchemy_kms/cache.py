@@ -7,6 +7,11 @@ key through the KMS again: access revoked in the KMS stops reads and writes
 within ``max_age``. When many threads miss the same key at once, one of them
 loads it and the others wait for that result: one KMS call, not many.
 
+An entry leaves the cache when it is evicted (the bound), replaced, invalidated
+or found expired by :meth:`KeyCache.sweep`; ``on_evict`` is then told, outside
+the cache's lock, so whoever keeps views of the value (prepared ciphers, the
+hot path's maps) drops them too and nothing keeps the key alive.
+
 A hit is one dictionary lookup and one clock comparison.
 
 Example::
@@ -41,6 +46,8 @@ class KeyCache(Generic[V]):
     """A bounded mapping from a key's identity to its unwrapped form, with a max age.
 
     ``clock`` (default :func:`time.monotonic`) can be replaced in tests.
+    ``on_evict(key, value)`` is called for every entry that leaves the cache
+    other than by :meth:`clear` (evicted, replaced, invalidated or swept).
     """
 
     def __init__(
@@ -49,6 +56,7 @@ class KeyCache(Generic[V]):
         max_age: float = DEFAULT_MAX_AGE,
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_evict: Callable[[Hashable, V], object] | None = None,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
@@ -57,9 +65,11 @@ class KeyCache(Generic[V]):
         self.max_entries = max_entries
         self.max_age = float(max_age)
         self._clock = clock
+        self._on_evict = on_evict
         self._entries: dict[Hashable, tuple[V, float]] = {}
         self._guard = threading.Lock()
-        self._loading: dict[Hashable, threading.Lock] = {}
+        # key -> (its load lock, threads loading or waiting for it)
+        self._loading: dict[Hashable, tuple[threading.Lock, int]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -84,13 +94,54 @@ class KeyCache(Generic[V]):
         entry = self._entries.get(key)
         return entry[1] if entry is not None else float("-inf")
 
+    def oldest_expiry(self) -> float:
+        """The earliest expiry of any entry (``inf`` when empty): until then
+        :meth:`sweep` has nothing to drop."""
+        with self._guard:
+            for _value, expires in self._entries.values():
+                return expires
+        return float("inf")
+
     def put(self, key: Hashable, value: V) -> None:
         """Store ``value``, dropping the oldest entries beyond ``max_entries``."""
+        dropped: list[tuple[Hashable, V]] = []
         with self._guard:
-            self._entries.pop(key, None)
+            old = self._entries.pop(key, None)
+            if old is not None and old[0] is not value:
+                dropped.append((key, old[0]))
             while len(self._entries) >= self.max_entries:
-                self._entries.pop(next(iter(self._entries)))
+                oldest = next(iter(self._entries))
+                dropped.append((oldest, self._entries.pop(oldest)[0]))
             self._entries[key] = (value, self._clock() + self.max_age)
+        self._evicted(dropped)
+
+    def sweep(self) -> int:
+        """Drop every expired entry now; returns how many were dropped.
+
+        Entries expire in the order they were stored (one ``max_age`` for all),
+        so this looks only at the expired ones and the first fresh one.
+        """
+        now = self._clock()
+        dropped: list[tuple[Hashable, V]] = []
+        with self._guard:
+            for key, (value, expires) in list(self._entries.items()):
+                if now < expires:
+                    break
+                del self._entries[key]
+                dropped.append((key, value))
+        self._evicted(dropped)
+        return len(dropped)
+
+    def _evicted(self, dropped: list[tuple[Hashable, V]]) -> None:
+        if self._on_evict is not None:
+            for key, value in dropped:
+                self._on_evict(key, value)
+
+    def reset_locks(self) -> None:
+        """New locks, for a child process after ``fork()``: a lock held by another
+        thread of the parent at the moment of the fork would never be released."""
+        self._guard = threading.Lock()
+        self._loading = {}
 
     def get_or_load(
         self, key: Hashable, load: Callable[[], V], *, single_flight: bool = True
@@ -111,21 +162,35 @@ class KeyCache(Generic[V]):
             self.put(key, value)
             return value
         with self._guard:
-            lock = self._loading.setdefault(key, threading.Lock())
-        with lock:
-            value = self.get(key)
-            if value is not None:
-                self.hits += 1
+            lock, waiting = self._loading.get(key, (None, 0))
+            if lock is None:
+                lock = threading.Lock()
+            self._loading[key] = (lock, waiting + 1)
+        try:
+            with lock:
+                value = self.get(key)
+                if value is not None:
+                    self.hits += 1
+                    return value
+                self.misses += 1
+                value = load()
+                self.put(key, value)
                 return value
-            self.misses += 1
-            value = load()
-            self.put(key, value)
-            return value
+        finally:
+            # the lock lives only while someone loads or waits: the map stays bounded
+            with self._guard:
+                entry = self._loading.get(key)
+                if entry is not None:
+                    if entry[1] <= 1:
+                        del self._loading[key]
+                    else:
+                        self._loading[key] = (entry[0], entry[1] - 1)
 
     def invalidate(self, key: Hashable) -> None:
         """Forget one entry."""
         with self._guard:
-            self._entries.pop(key, None)
+            old = self._entries.pop(key, None)
+        self._evicted([(key, old[0])] if old is not None else [])
 
     def clear(self) -> None:
         """Forget every entry."""

@@ -108,17 +108,16 @@ from ._format import parse_header
 from .errors import (
     ConfigurationError,
     InvalidCiphertextError,
-    KeyLifecycleError,
     KMSError,
     SQLAlchemyKMSError,
     UnknownKeyVersionError,
 )
+from .lifecycle import Progress, TableStatus
 from .providers import AwsKms, KeyProvider, LocalKms
 from .providers.base import GeneratedDataKey
 from .providers.uri import KmsUri, parse_kms_uri, region_of_arn
-from .rotation import Progress, TableStatus, encrypted_columns, key_rows
-from .types import KMSEncrypted
-from .vault import DATA, DEFAULT_KEY_TABLE, SEARCH, KeyVault, table_scope
+from .types import KMSEncrypted, encrypted_columns
+from .vault import DEFAULT_KEY_TABLE, KeyVault, table_scope
 
 if TYPE_CHECKING:
     from click._termui_impl import ProgressBar
@@ -1167,20 +1166,7 @@ def destroy(
         [table] = _select_tables(ctx, metadata, [table_name])
     scope = table_scope(table) if isinstance(table, Table) else table
     with _opened(db_url, None, key_table_name) as vault:
-        purpose = SEARCH if search else DATA
-        rows = [
-            row
-            for row in key_rows(vault, scope)
-            if row.purpose == purpose and row.key_version == version
-        ]
-        if not rows:
-            raise KeyLifecycleError("no such key version", table=scope, key_version=version)
-        if rows[0].state != "retired":
-            raise KeyLifecycleError(
-                "only a retired key can be destroyed; retire it first",
-                table=scope,
-                key_version=version,
-            )
+        vault.check_destroyable(table, version, search=search)
         if not yes:
             click.echo(
                 f"Destroying {_key_name(search)} version {version} of {scope} makes every value "

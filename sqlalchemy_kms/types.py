@@ -31,7 +31,6 @@ table and column when it is attached, and binds every ciphertext to them.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,16 +44,13 @@ from sqlalchemy.sql.elements import BinaryExpression, ClauseList, ColumnElement,
 
 from ._codecs import Codec, codec_for
 from ._format import (
-    ALG_RANDOMIZED,
     DETERMINISTIC_OVERHEAD,
-    HEADER_SIZE,
     MAX_OVERHEAD,
-    RANDOMIZED_CIPHERTEXT_OFFSET,
     RANDOMIZED_OVERHEAD,
-    SUBKEY_PREFIX_SIZE,
     column_aad,
     parse_header,
 )
+from ._keytable import KeySeries, table_scope
 from .errors import (
     ConfigurationError,
     DecryptionError,
@@ -64,9 +60,15 @@ from .errors import (
     UnsupportedQueryError,
     VaultNotFoundError,
 )
-from .vault import _VAULT_ATTR, DATA, SEARCH, table_scope, vault_for
 
-__all__ = ["KMSEncrypted"]
+__all__ = ["KMSEncrypted", "encrypted_columns", "encrypted_series", "result_series"]
+
+#: The attribute of an engine's dialect that holds its vault.
+VAULT_ATTR = "_sqlalchemy_kms_vault"
+
+
+def _vault_of(dialect: Dialect | None) -> Any:
+    return getattr(dialect, VAULT_ATTR, None)
 
 #: Key versions of one search key an equality query can match at once. Each
 #: ``==``/``in_()`` on a deterministic column binds this many values per
@@ -137,14 +139,15 @@ _MYSQL_VARBINARY_MAX = 8192
 
 
 class _Binding:
-    """Where a column lives: its key scope, name and associated data."""
+    """Where a column lives: its key scope, name, associated data and key series."""
 
-    __slots__ = ("aad", "column", "scope")
+    __slots__ = ("aad", "column", "scope", "series")
 
-    def __init__(self, scope: str, column: str) -> None:
+    def __init__(self, scope: str, column: str, deterministic: bool) -> None:
         self.scope = scope
         self.column = column
         self.aad = column_aad(scope, column)
+        self.series = KeySeries(scope, deterministic)
 
 
 def _with_context(error: SQLAlchemyKMSError, binding: _Binding | None) -> SQLAlchemyKMSError:
@@ -339,7 +342,7 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
     def _attach_table(self, column: Column[Any], table: Any) -> None:
         if not isinstance(table, Table) or column.type is not self:
             return
-        self._binding = _Binding(table_scope(table), column.name)
+        self._binding = _Binding(table_scope(table), column.name, self.deterministic)
         if not event.contains(table, "after_create", _make_key_for_new_table):
             event.listen(table, "after_create", _make_key_for_new_table)
 
@@ -359,8 +362,16 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
 
     # -- values --------------------------------------------------------------
 
+    def from_legacy(self, stored: Any) -> Any:
+        """The value of a stored plaintext (a column not yet encrypted in place)."""
+        return self._codec.from_legacy(stored)
+
+    def legacy_text(self, value: Any) -> bytes:
+        """``value`` as the plaintext column stored it (UTF-8 text)."""
+        return self._codec.legacy_text(value)
+
     def _vault(self, dialect: Dialect) -> Any:
-        vault = vault_for(dialect)
+        vault = _vault_of(dialect)
         binding = self._binding
         if vault is None:
             raise VaultNotFoundError(
@@ -386,26 +397,25 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
             return lambda value: complete(value, dialect)
         if self.deterministic:
             return self._deterministic_bind_processor(dialect, binding)
-        active_key = (binding.scope, DATA)
-        aad = binding.aad
+        series, aad = binding.series, binding.aad
         encode = self._codec.encode
-        clock = time.monotonic
         # SQLite's driver binds a bytearray faster than bytes
         as_bytearray = dialect.name == "sqlite"
-        # (cipher, header || aad) of the active key: one tuple, replaced whole
-        associated: tuple[Any, bytes] = (None, b"")
+        # (header, header || aad) of the last active key: bytes only, no key held here
+        associated: tuple[bytes, bytes] = (b"", b"")
 
         def process(value: Any) -> Any:
             nonlocal associated
-            vault = getattr(dialect, _VAULT_ATTR, None)
+            vault = getattr(dialect, VAULT_ATTR, None)
             if value is not None and vault is not None:
-                entry = vault._active.get(active_key)
-                if entry is not None and clock() < entry[1]:
-                    cipher, assoc = associated
-                    if cipher is not entry[0]:
-                        cipher = entry[0]
-                        assoc = cipher.header + aad
-                        associated = (cipher, assoc)
+                keys = vault.keys.fresh(series)
+                cipher = keys.active if keys is not None else None
+                if cipher is not None:
+                    header, assoc = associated
+                    if header != cipher.header:
+                        header = cipher.header
+                        assoc = header + aad
+                        associated = (header, assoc)
                     try:
                         return cipher.seal(encode(value), assoc, mutable=as_bytearray)
                     except SQLAlchemyKMSError:
@@ -418,18 +428,17 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         self, dialect: Dialect, binding: _Binding
     ) -> Callable[[Any], Any]:
         complete = self.process_bind_param
-        active_key = (binding.scope, SEARCH)
-        scope, column, aad = binding.scope, binding.column, binding.aad
+        series, scope, column, aad = binding.series, binding.scope, binding.column, binding.aad
         encode = self._codec.encode
-        clock = time.monotonic
 
         def process(value: Any) -> Any:
-            vault = getattr(dialect, _VAULT_ATTR, None)
+            vault = getattr(dialect, VAULT_ATTR, None)
             if value is not None and vault is not None:
-                entry = vault._active.get(active_key)
-                if entry is not None and clock() < entry[1]:
+                keys = vault.keys.fresh(series)
+                cipher = keys.active if keys is not None else None
+                if cipher is not None:
                     try:
-                        return entry[0].encrypt_deterministic(encode(value), scope, column, aad)
+                        return cipher.seal_deterministic(encode(value), scope, column, aad)
                     except SQLAlchemyKMSError:
                         pass  # the complete path raises it with its context
             return complete(value, dialect)
@@ -441,29 +450,20 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         binding = self._binding
         if binding is None or self.accept_plaintext:
             return lambda value: complete(value, dialect)
-        scope, column, aad = binding.scope, binding.column, binding.aad
+        series, column, aad = binding.series, binding.column, binding.aad
         decode = self._codec.decode
-        clock = time.monotonic
 
         def process(value: Any) -> Any:
-            vault = getattr(dialect, _VAULT_ATTR, None)
+            vault = getattr(dialect, VAULT_ATTR, None)
             if value.__class__ is bytes and len(value) >= _SHORTEST and vault is not None:
-                try:
-                    if value[1] == ALG_RANDOMIZED:  # one hit: the subkey of header || salt
-                        entry = vault._openers.get(value[:SUBKEY_PREFIX_SIZE])
-                        if entry is not None and clock() < entry[1]:
-                            return decode(
-                                entry[0].decrypt(
-                                    value[SUBKEY_PREFIX_SIZE:RANDOMIZED_CIPHERTEXT_OFFSET],
-                                    value[RANDOMIZED_CIPHERTEXT_OFFSET:],
-                                    value[:HEADER_SIZE] + aad,
-                                )
-                            )
-                    cipher = vault.reader(scope, value[:HEADER_SIZE])
-                    if cipher is not None:
-                        return decode(cipher.open(value, aad, scope, column))
-                except Exception:  # the complete path raises the documented error
-                    pass
+                keys = vault.keys.fresh(series)
+                if keys is not None:
+                    try:
+                        plaintext = keys.open(value, aad, column)
+                        if plaintext is not None:
+                            return decode(plaintext)
+                    except Exception:  # the complete path raises the documented error
+                        pass
             return complete(value, dialect)
 
         return process
@@ -478,11 +478,12 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
             if self.normalize is not None:
                 value = self.normalize(value)
             plaintext = self._codec.encode(value)
+            cipher = vault.loader.active(binding.series)
             if self.deterministic:
-                return vault.encrypt_deterministic(  # type: ignore[no-any-return]
-                    binding.scope, binding.column, binding.aad, plaintext
+                return cipher.seal_deterministic(  # type: ignore[no-any-return]
+                    plaintext, binding.scope, binding.column, binding.aad
                 )
-            return vault.encrypt(binding.scope, binding.aad, plaintext)  # type: ignore[no-any-return]
+            return cipher.encrypt(plaintext, binding.aad)  # type: ignore[no-any-return]
         except SQLAlchemyKMSError as error:
             raise _with_context(error, binding) from None
 
@@ -528,9 +529,9 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
 
 
 def _count_failure(dialect: Dialect | None) -> None:
-    vault = vault_for(dialect) if dialect is not None else None
+    vault = _vault_of(dialect)
     if vault is not None:
-        vault._count_decrypt_failure()
+        vault.count_decrypt_failure()
 
 
 def _looks_encrypted(value: Any) -> bool:
@@ -574,23 +575,20 @@ class _SearchTerm(sqltypes.TypeDecorator[Any]):
         binding = column_type._binding
         if binding is None or column_type.normalize is not None:
             return lambda value: complete(value, dialect)
-        scope, column, aad = binding.scope, binding.column, binding.aad
+        series, scope, column, aad = binding.series, binding.scope, binding.column, binding.aad
         encode = column_type._codec.encode
-        clock = time.monotonic
 
         def process(value: Any) -> Any:
             plain, slot = value
-            vault = getattr(dialect, _VAULT_ATTR, None)
+            vault = getattr(dialect, VAULT_ATTR, None)
             if plain is not None and vault is not None and slot < SEARCH_SLOTS:
-                entry = vault._search.get(scope)
-                if entry is not None and clock() < entry[1] and len(entry[0]) <= SEARCH_SLOTS:
-                    ciphers = entry[0]
+                keys = vault.keys.fresh(series)
+                ciphers = keys.enabled if keys is not None else None
+                if ciphers is not None and len(ciphers) <= SEARCH_SLOTS:
                     if slot >= len(ciphers):
                         return _NEVER_STORED
                     try:
-                        return ciphers[slot].encrypt_deterministic(
-                            encode(plain), scope, column, aad
-                        )
+                        return ciphers[slot].seal_deterministic(encode(plain), scope, column, aad)
                     except SQLAlchemyKMSError:
                         pass  # the complete path raises it with its context
             return complete(value, dialect)
@@ -608,7 +606,7 @@ class _SearchTerm(sqltypes.TypeDecorator[Any]):
             assert binding is not None
             if column_type.normalize is not None:
                 plain = column_type.normalize(plain)
-            ciphers = vault._search_ciphers(binding.scope)
+            ciphers = vault.loader.enabled(binding.series)
             if len(ciphers) > SEARCH_SLOTS:
                 raise UnsupportedQueryError(
                     f"{len(ciphers)} search key versions are enabled and equality can match at "
@@ -623,7 +621,7 @@ class _SearchTerm(sqltypes.TypeDecorator[Any]):
             if slot >= len(ciphers):
                 return _NEVER_STORED
             plaintext = column_type._codec.encode(plain)
-            token: bytes = ciphers[slot].encrypt_deterministic(
+            token: bytes = ciphers[slot].seal_deterministic(
                 plaintext, binding.scope, binding.column, binding.aad
             )
             return token
@@ -633,7 +631,7 @@ class _SearchTerm(sqltypes.TypeDecorator[Any]):
 
 def _make_key_for_new_table(table: Table, connection: Any, **kw: Any) -> None:
     """``after_create``: make the new table's keys ahead of its first write."""
-    vault = vault_for(connection.dialect)
+    vault = _vault_of(connection.dialect)
     if vault is None:
         return
     with contextlib.suppress(KeyTableMissingError):  # else made on first use
@@ -652,3 +650,32 @@ def _raise_own_errors(context: ExceptionContext) -> BaseException | None:
     if isinstance(original, SQLAlchemyKMSError):
         return original.with_traceback(None)
     return None
+
+
+def encrypted_columns(table: Table) -> list[Column[Any]]:
+    """The columns of ``table`` whose type is :class:`KMSEncrypted`."""
+    return [column for column in table.columns if isinstance(column.type, KMSEncrypted)]
+
+
+def encrypted_series(tables: Iterable[Table]) -> list[KeySeries]:
+    """The key series the encrypted columns of ``tables`` use, in table order: the
+    table's data key for randomized columns, its search key for deterministic ones."""
+    found: list[KeySeries] = []
+    for table in tables:
+        modes = {column.type.deterministic for column in encrypted_columns(table)}
+        found.extend(
+            KeySeries(table_scope(table), deterministic)
+            for deterministic in (False, True)
+            if deterministic in modes
+        )
+    return found
+
+
+def result_series(compiled: Any) -> frozenset[KeySeries]:
+    """The key series the encrypted result columns of a compiled statement use."""
+    found = set()
+    for entry in getattr(compiled, "_result_columns", None) or ():
+        column_type = entry[3]
+        if isinstance(column_type, KMSEncrypted) and column_type._binding is not None:
+            found.add(column_type._binding.series)
+    return frozenset(found)

@@ -1,10 +1,10 @@
-"""KeyVault: the key table, the cache and the provider for one database.
+"""KeyVault: the facade that binds the key table, the keys and the provider to one engine.
 
 A vault is bound to one engine. It keeps one active data key per table in a
 key table of that database (``kms_data_keys`` by default), wrapped by the
-provider's master key, and the unwrapped keys in a bounded in-memory
-:class:`~sqlalchemy_kms.cache.KeyCache`. Encrypted columns find the vault
-through the engine they run on, so the application code does not change::
+provider's master key, and the unwrapped keys in a bounded in-memory store.
+Encrypted columns find the vault through the engine they run on, so the
+application code does not change::
 
     from sqlalchemy import create_engine
     from sqlalchemy_kms import KeyVault, LocalKms
@@ -14,6 +14,15 @@ through the engine they run on, so the application code does not change::
     vault.create_table()                 # the key table; idempotent
     Base.metadata.create_all(engine)     # keys for new encrypted tables are made here
 
+The vault itself holds no logic of its own; it composes:
+
+* :class:`~sqlalchemy_kms._keytable.KeyTable`: the key table and its queries;
+* :class:`~sqlalchemy_kms._connections.Connections`: which connection key work uses;
+* :class:`~sqlalchemy_kms._keys.KeyStore`: the unwrapped keys, bounded by count and age;
+* :class:`~sqlalchemy_kms._keyloader.KeyLoader`: finds, makes and unwraps keys;
+* :mod:`sqlalchemy_kms.lifecycle`: re-encrypt, status, verify, retire, destroy,
+  rewrap, export and import.
+
 How keys come to be
 -------------------
 A table's first data key is made ahead of time when ``create_all`` (or
@@ -21,147 +30,76 @@ A table's first data key is made ahead of time when ``create_all`` (or
 way the wrapped key is committed in its own transaction before any value is
 encrypted under it, so no committed row can outlive a rolled-back key. When
 two processes make the first key of a table at the same moment, the key
-table's primary key lets one win; the other reads the winner's key.
-
-SQLite allows one writer at a time. When a key must be made while the
-application's own SQLite transaction already holds the write lock, a second
-connection could not write, so the vault writes the key row on the
-application's connection, inside its transaction: the key and the rows it
-protects commit or roll back together, and the key is used only by that
-transaction until it commits.
-
-Key table
----------
-``scope`` (the table name, ``schema.table`` when the table has a schema),
-``key_version`` (1, 2, ...), ``state`` (``enabled`` or ``retired``),
-``provider``, ``master_key_id`` (the master key that wrapped it, as the
-provider reports it: for AWS KMS the key ARN), ``wrapped_key`` (the
-provider's ciphertext: for AWS KMS exactly ``CiphertextBlob``) and
-``created_at``. The active key of a table is its highest enabled version.
+table's primary key lets one win; the other reads the winner's key. On
+SQLite, inside a transaction that already holds the write lock, the key is
+written inside that transaction instead (see :mod:`sqlalchemy_kms._connections`).
 """
 
 from __future__ import annotations
 
-import contextvars
-import datetime as dt
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from contextlib import contextmanager
+from typing import Any, Final
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import (
-    Column,
-    DateTime,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    and_,
-    event,
-    exc,
-    func,
-    inspect,
-    select,
-)
+from sqlalchemy import MetaData, Table, event
 from sqlalchemy.engine import Connection, Dialect, Engine
 
-from ._cipher import DataKeyCipher
-from ._format import (
-    ALG_DETERMINISTIC,
-    ALG_RANDOMIZED,
-    HEADER_SIZE,
-    SUBKEY_PREFIX_SIZE,
-    pack_header,
-    parse_header,
+from ._connections import Connections
+from ._format import ALG_DETERMINISTIC, parse_header
+from ._keyloader import KeyLoader
+from ._keys import KeyStore
+from ._keytable import (
+    DEFAULT_KEY_TABLE,
+    KeySeries,
+    KeyTable,
+    key_table,
+    scope_of,
+    table_scope,
 )
-from .audit import key_event, kms_call
 from .cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
-from .errors import KeyTableMissingError, UnknownKeyVersionError
-from .providers.base import KeyProvider, encryption_context
+from .lifecycle import backup as backup_jobs
+from .lifecycle import columns as column_jobs
+from .lifecycle import retire as retire_jobs
+from .lifecycle import rewrap as rewrap_jobs
+from .lifecycle import status as status_jobs
+from .lifecycle.rewrite import Progress
+from .lifecycle.status import TableStatus
+from .providers.base import KeyProvider
+from .providers.multi import MultiKms
+from .types import VAULT_ATTR, encrypted_series, result_series
 
-if TYPE_CHECKING:
-    from .rotation import Progress, TableStatus
+__all__ = [
+    "DEFAULT_KEY_TABLE",
+    "DEFAULT_REFRESH_INTERVAL",
+    "KeyVault",
+    "key_table",
+    "table_scope",
+    "vault_for",
+]
 
-__all__ = ["DEFAULT_KEY_TABLE", "DEFAULT_REFRESH_INTERVAL", "KeyVault", "key_table"]
-
-#: Name of the key table unless ``table_name`` says otherwise.
-DEFAULT_KEY_TABLE: Final = "kms_data_keys"
 #: Seconds after which a vault checks the key table again for a newer active key.
 DEFAULT_REFRESH_INTERVAL: Final = 60.0
-
-#: Purpose of the keys that encrypt randomized values.
-DATA: Final = "data"
-#: Purpose of the keys that encrypt deterministic (searchable) values.
-SEARCH: Final = "search"
-
-#: A table's keys of one purpose: ``(scope, purpose)``.
-KeyRing = tuple[str, str]
-
-_VAULT_ATTR: Final = "_sqlalchemy_kms_vault"
-_MAX_OPENERS: Final = 4096
-_PENDING_INFO: Final = "sqlalchemy_kms.pending"
-
-# The connection bound with KeyVault.using() in this thread/task.
-_bound_connection: contextvars.ContextVar[weakref.ref[Connection] | None] = contextvars.ContextVar(
-    "sqlalchemy_kms_bound_connection", default=None
-)
-
-# The connection whose statement is being executed in this thread/task (SQLite only).
-_current_connection: contextvars.ContextVar[weakref.ref[Connection] | None] = (
-    contextvars.ContextVar("sqlalchemy_kms_current_connection", default=None)
-)
-
-
-def key_table(
-    metadata: MetaData, name: str = DEFAULT_KEY_TABLE, schema: str | None = None
-) -> Table:
-    """The key table's definition in ``metadata`` (for migrations and tools)."""
-    return Table(
-        name,
-        metadata,
-        Column("scope", String(255), primary_key=True),
-        Column("purpose", String(16), primary_key=True),
-        Column("key_version", Integer, primary_key=True, autoincrement=False),
-        Column("state", String(16), nullable=False),
-        Column("provider", String(32), nullable=False),
-        Column("master_key_id", String(2048), nullable=False),
-        Column("wrapped_key", LargeBinary, nullable=False),
-        Column("created_at", DateTime(timezone=True), nullable=False),
-        schema=schema,
-    )
 
 
 def vault_for(dialect: Dialect) -> KeyVault | None:
     """The vault bound to the engine that owns ``dialect``, if any."""
-    vault: KeyVault | None = getattr(dialect, _VAULT_ATTR, None)
+    vault: KeyVault | None = getattr(dialect, VAULT_ATTR, None)
     return vault
 
 
-def table_scope(table: Table) -> str:
-    """The key scope of a table: its name, schema-qualified when it has a schema."""
-    return f"{table.schema}.{table.name}" if table.schema else table.name
-
-
-class _KeyRow(NamedTuple):
-    version: int
-    wrapped: bytes
-    master_key_id: str
-
-
-def _remember_connection(conn: Connection, *args: Any, **kwargs: Any) -> None:
-    _current_connection.set(weakref.ref(conn))
-
-
-def _forget_pending(conn: Connection) -> None:
-    conn.info.pop(_PENDING_INFO, None)
+def _tables(tables: MetaData | Table | Iterable[Table]) -> list[Table]:
+    if isinstance(tables, MetaData):
+        return list(tables.sorted_tables)
+    if isinstance(tables, Table):
+        return [tables]
+    return list(tables)
 
 
 class KeyVault:
-    """Owns the key table, the key cache and the provider for one database.
+    """Owns the key table, the key store and the provider for one database.
 
     :param engine: the engine (or ``AsyncEngine``) whose database holds both
         the encrypted tables and the key table.
@@ -169,7 +107,8 @@ class KeyVault:
         that wraps data keys (:class:`~sqlalchemy_kms.AwsKms` in production).
     :param table_name: name of the key table (default ``kms_data_keys``).
     :param schema: schema of the key table (default: the connection's).
-    :param cache_max_entries: unwrapped keys kept in memory (default 1000).
+    :param cache_max_entries: unwrapped keys kept in memory (default 1000);
+        everything the vault keeps of a key counts toward it.
     :param cache_max_age: seconds an unwrapped key is used before the provider
         is asked again (default 300); revoked KMS access stops reads and
         writes within this time.
@@ -211,28 +150,40 @@ class KeyVault:
             raise ValueError("refresh_interval must be positive")
         self.engine = sync_engine
         self.provider = provider
-        self._other_providers: list[KeyProvider] = []
+        # the master keys that unwrap existing rows: the provider, and those it replaced
+        self._unwrapping: KeyProvider = provider
         self.metadata = MetaData()
-        self.table = key_table(self.metadata, table_name, schema)
-        self.cache: KeyCache[DataKeyCipher] = KeyCache(cache_max_entries, cache_max_age)
+        #: The key table and its queries.
+        self.key_table = KeyTable(self.metadata, table_name, schema)
+        self.table = self.key_table.table
+        #: The unwrapped keys of this process.
+        self.keys = KeyStore(cache_max_entries, cache_max_age, refresh_interval)
         self.refresh_interval = float(refresh_interval)
-        self._active: dict[KeyRing, tuple[DataKeyCipher, float]] = {}
-        self._search: dict[str, tuple[list[DataKeyCipher], float]] = {}
-        self._readers: dict[tuple[str, bytes], tuple[DataKeyCipher, float]] = {}
-        self._openers: dict[bytes, tuple[AESGCM, float]] = {}
-        self._result_rings: weakref.WeakKeyDictionary[Any, frozenset[KeyRing]] = (
+        self.connections = Connections(sync_engine, on_rollback=self._discard_pending)
+        self._is_async = bool(sync_engine.dialect.is_async)
+        self.loader = KeyLoader(
+            self.key_table,
+            self.connections,
+            self.keys,
+            lambda: self.provider,
+            unwrapping=lambda: self._unwrapping,
+            is_async=self._is_async,
+        )
+        self._result_series: weakref.WeakKeyDictionary[Any, frozenset[KeySeries]] = (
             weakref.WeakKeyDictionary()
         )
-        self._preloaded: dict[KeyRing, float] = {}
+        self._preloaded: dict[KeySeries, float] = {}
         self._decrypt_failures = 0
         self._guard = threading.Lock()
-        self._locks: dict[KeyRing, threading.Lock] = {}
-        self._shares_writer = sync_engine.dialect.name == "sqlite"
-        self._is_async = bool(sync_engine.dialect.is_async)
         self._bind()
 
     def __repr__(self) -> str:
         return f"<KeyVault table={self.table.fullname!r} provider={self.provider!r}>"
+
+    @property
+    def cache(self) -> KeyCache[Any]:
+        """The bounded cache of unwrapped keys, by ``(table, purpose, version)``."""
+        return self.keys.cache
 
     # -- binding -------------------------------------------------------------
 
@@ -241,60 +192,31 @@ class KeyVault:
         previous = vault_for(dialect)
         if previous is not None and previous is not self:
             previous.close()
-        setattr(dialect, _VAULT_ATTR, self)
-        if self._shares_writer:
-            event.listen(self.engine, "before_execute", _remember_connection)
+        setattr(dialect, VAULT_ATTR, self)
+        self.connections.listen()
         if self._is_async:
             event.listen(self.engine, "after_cursor_execute", self._preload_result_keys)
-        event.listen(self.engine, "commit", _forget_pending)
-        event.listen(self.engine, "rollback", _forget_pending)
 
     def close(self) -> None:
         """Unbind from the engine and forget every cached key."""
         if vault_for(self.engine.dialect) is self:
-            delattr(self.engine.dialect, _VAULT_ATTR)
-        for name, listener in (
-            ("before_execute", _remember_connection),
-            ("after_cursor_execute", self._preload_result_keys),
-            ("commit", _forget_pending),
-            ("rollback", _forget_pending),
-        ):
-            if event.contains(self.engine, name, listener):
-                event.remove(self.engine, name, listener)
+            delattr(self.engine.dialect, VAULT_ATTR)
+        self.connections.close()
+        if event.contains(self.engine, "after_cursor_execute", self._preload_result_keys):
+            event.remove(self.engine, "after_cursor_execute", self._preload_result_keys)
         self.clear_cache()
 
     def clear_cache(self) -> None:
         """Forget every unwrapped key; the next use asks the provider again."""
         with self._guard:
-            self._active.clear()
-            self._search.clear()
-            self._readers.clear()
-            self._openers.clear()
             self._preloaded.clear()
-        self.cache.clear()
+        self.keys.clear()
 
-    # -- key table -----------------------------------------------------------
+    # -- keys ------------------------------------------------------------------
 
     def create_table(self) -> None:
         """Create the key table if it does not exist (safe to call again)."""
-        try:
-            self.metadata.create_all(self.engine, checkfirst=True)
-        except exc.DatabaseError:
-            # another process created it between our check and our CREATE
-            if not self._key_table_exists():
-                raise
-
-    def _key_table_exists(self) -> bool:
-        with self.engine.connect() as conn:
-            return inspect(conn).has_table(self.table.name, schema=self.table.schema)
-
-    def _missing_table(self, error: Exception) -> Exception:
-        if self._key_table_exists():
-            return error
-        return KeyTableMissingError(
-            f"the key table {self.table.fullname} does not exist; call vault.create_table() "
-            "or run the migration that creates it"
-        )
+        self.key_table.create(self.engine)
 
     def create_key(self, table: Table | str, *, search: bool = False) -> int:
         """Make sure ``table`` has an active data key (or search key), making one if needed.
@@ -302,7 +224,7 @@ class KeyVault:
         Returns the active version. Use it, or :meth:`create_keys`, to make
         keys ahead of time, for example in a deployment step.
         """
-        return self._active_cipher(_scope_of(table), SEARCH if search else DATA).key_version
+        return self.loader.active(KeySeries(scope_of(table), search)).key_version
 
     def create_keys(self, tables: MetaData | Iterable[Table]) -> dict[str, dict[str, int]]:
         """Make the keys every encrypted table needs: a data key for randomized
@@ -312,21 +234,15 @@ class KeyVault:
         tables with encrypted columns. ``create_all()`` does this by itself
         for each table it creates through an engine with a vault.
         """
-        if isinstance(tables, MetaData):
-            tables = tables.sorted_tables
         made: dict[str, dict[str, int]] = {}
-        for table in tables:
-            purposes = _purposes_needed(table)
-            if purposes:
-                made[table_scope(table)] = {
-                    purpose: self._active_cipher(table_scope(table), purpose).key_version
-                    for purpose in purposes
-                }
+        for series in encrypted_series(_tables(tables)):
+            version = self.loader.active(series).key_version
+            made.setdefault(series.scope, {})[series.purpose] = version
         return made
 
     def active_key_version(self, table: Table | str, *, search: bool = False) -> int:
         """The version of the data key (or search key) new values of ``table`` use."""
-        return self._active_cipher(_scope_of(table), SEARCH if search else DATA).key_version
+        return self.loader.active(KeySeries(scope_of(table), search)).key_version
 
     def rotate_key(self, table: Table | str, *, search: bool = False) -> int:
         """Make a new active data key (or, with ``search=True``, search key) for ``table``.
@@ -339,31 +255,13 @@ class KeyVault:
         leaves it alone, so equality lookups and unique indexes on
         deterministic columns are unaffected by ordinary rotation.
         """
-        ring = (_scope_of(table), SEARCH if search else DATA)
-        shared = self._shared_connection()
-        if shared is not None:  # inside the caller's transaction (see _active_cipher)
-            cipher = self._insert(shared, ring, self._newest_version(shared, ring) + 1)
-            pending = self._pending(shared)
-            pending[ring] = pending[(*ring, cipher.key_version)] = cipher
-        else:
-            with self._lock(ring):
-                while True:
-                    with self.engine.connect() as conn:
-                        newest = self._newest_version(conn, ring)
-                    made = self._insert_committed(ring, newest + 1)
-                    if made is not None:
-                        cipher = made
-                        break
-        self._forget_ring(ring)
-        return cipher.key_version
+        return self.loader.rotate(KeySeries(scope_of(table), search))
 
-    def _newest_version(self, conn: Connection, ring: KeyRing) -> int:
-        query = select(func.max(self.table.c.key_version)).where(self._ring_filter(ring))
-        try:
-            newest = conn.execute(query).scalar()
-        except exc.DBAPIError as error:
-            raise self._missing_table(error) from error
-        return int(newest or 0)
+    def key_versions(self, table: Table | str, *, search: bool = False) -> list[int]:
+        """Enabled key versions of ``table``, newest first."""
+        with self.engine.connect() as conn:
+            rows = self.key_table.enabled(conn, KeySeries(scope_of(table), search))
+        return [row.version for row in rows]
 
     def warm_up(self, tables: MetaData | Iterable[Table]) -> int:
         """Unwrap every key the encrypted columns of ``tables`` may need, now.
@@ -373,16 +271,36 @@ class KeyVault:
         it at start-up so that the first requests pay no KMS round trip; on
         an async engine, through ``await conn.run_sync(lambda _: vault.warm_up(md))``.
         """
-        if isinstance(tables, MetaData):
-            tables = tables.sorted_tables
-        tables = list(tables)
-        self.create_keys(tables)
-        for table in tables:
-            for purpose in _purposes_needed(table):
-                self._preload((table_scope(table), purpose))
-        return len(self.cache)
+        chosen = _tables(tables)
+        self.create_keys(chosen)
+        for series in encrypted_series(chosen):
+            self.loader.preload(series)
+        return len(self.keys)
 
-    # -- lifecycle (the work is in sqlalchemy_kms.rotation) --------------------
+    # -- single values -------------------------------------------------------------
+
+    def encrypt(self, scope: str, aad: bytes, plaintext: bytes) -> bytes:
+        """Encrypt one value of the column bound by ``aad`` (randomized), as stored."""
+        cipher = self.loader.active(KeySeries(scope, False))
+        return cipher.encrypt(plaintext, aad)
+
+    def encrypt_deterministic(self, scope: str, column: str, aad: bytes, plaintext: bytes) -> bytes:
+        """Encrypt one value of a deterministic column under the active search key."""
+        cipher = self.loader.active(KeySeries(scope, True))
+        return cipher.encrypt_deterministic(plaintext, scope, column, aad)
+
+    def decrypt(self, scope: str, column: str, aad: bytes, stored: bytes) -> bytes:
+        """Decrypt one stored value of the column bound by ``aad``: the checked path
+        (header, key version, algorithm and authentication)."""
+        algorithm, version = parse_header(stored)
+        cipher = self.loader.version(KeySeries(scope, algorithm == ALG_DETERMINISTIC), version)
+        return cipher.decrypt(stored, aad, algorithm=algorithm, scope=scope, column=column)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def _active_version(self, series: KeySeries) -> int:
+        self.keys.forget(series)  # the key table's word, not this process's memory
+        return self.loader.active(series).key_version
 
     def reencrypt(
         self,
@@ -401,13 +319,12 @@ class KeyVault:
         holds what was read, so concurrent application writes are never
         lost; killed and run again, it resumes; run again when finished, it
         changes nothing. ``progress`` is called after each batch with a
-        :class:`~sqlalchemy_kms.rotation.Progress`. Returns the final one.
+        :class:`~sqlalchemy_kms.lifecycle.Progress`. Returns the final one.
         """
-        from . import rotation
-
-        return rotation.reencrypt(
-            self,
+        return column_jobs.reencrypt(
+            self.connections,
             table,
+            self._active_version,
             columns=columns,
             batch_size=batch_size,
             progress=progress,
@@ -428,14 +345,18 @@ class KeyVault:
         ``table`` describes the column as ``KMSEncrypted(...)``. On PostgreSQL
         and MySQL/MariaDB the column must first be made binary
         (``op.encrypt_column`` of :mod:`sqlalchemy_kms.alembic` does it in a
-        migration, with :func:`~sqlalchemy_kms.rotation.plaintext_to_binary_ddl`);
+        migration, with :func:`~sqlalchemy_kms.lifecycle.plaintext_to_binary_ddl`);
         SQLite needs no DDL. While it runs, the application reads
         the column with ``KMSEncrypted(..., accept_plaintext=True)``.
         """
-        from . import rotation
-
-        return rotation.encrypt_column(
-            self, table, column, batch_size=batch_size, progress=progress, connection=connection
+        return column_jobs.encrypt_column(
+            self.connections,
+            table,
+            column,
+            self._active_version,
+            batch_size=batch_size,
+            progress=progress,
+            connection=connection,
         )
 
     def decrypt_column(
@@ -448,25 +369,42 @@ class KeyVault:
         connection: Connection | None = None,
     ) -> Progress:
         """Write one column's plaintext back in place: the reverse of :meth:`encrypt_column`."""
-        from . import rotation
-
-        return rotation.decrypt_column(
-            self, table, column, batch_size=batch_size, progress=progress, connection=connection
+        return column_jobs.decrypt_column(
+            self.connections,
+            table,
+            column,
+            batch_size=batch_size,
+            progress=progress,
+            connection=connection,
         )
 
-    def status(self, tables: MetaData | Sequence[Table]) -> list[TableStatus]:
+    def status(self, tables: MetaData | Table | Sequence[Table]) -> list[TableStatus]:
         """Per table: key versions, their state and master key, and rows per version
         per column (counted by the database from the stored headers)."""
-        from . import rotation
+        return status_jobs.status(self.key_table, self.connections, _tables(tables))
 
-        return rotation.status(self, tables)
+    def verify(
+        self, tables: MetaData | Table | Sequence[Table], *, batch_size: int = 1000, shown: int = 5
+    ) -> Any:
+        """Decrypt every stored value of ``tables`` and report what fails: the
+        auditor's proof that every value is readable. Returns a
+        :class:`~sqlalchemy_kms.lifecycle.verify.VerifyReport`."""
+        from .lifecycle import verify
+
+        return verify.verify(self, _tables(tables), batch_size=batch_size, shown=shown)
 
     def retire_key(self, table: Table, version: int, *, search: bool = False) -> None:
         """Retire key ``version`` of ``table``: refused while any stored value uses it
         (:class:`~sqlalchemy_kms.errors.KeyLifecycleError`) or while it is active."""
-        from . import rotation
+        series = KeySeries(table_scope(table), search)
+        retire_jobs.retire_key(self.key_table, self.connections, table, series, version)
+        self.keys.forget(series)
 
-        rotation.retire_key(self, table, version, search=search)
+    def check_destroyable(self, table: Table | str, version: int, *, search: bool = False) -> None:
+        """Raise :class:`~sqlalchemy_kms.errors.KeyLifecycleError` unless key ``version``
+        of ``table`` may be destroyed now (before asking a person to confirm)."""
+        series = KeySeries(scope_of(table), search)
+        retire_jobs.check_destroyable_version(self.key_table, self.connections, series, version)
 
     def destroy_key(
         self, table: Table | str, version: int, *, search: bool = False, confirm: bool = False
@@ -475,47 +413,46 @@ class KeyVault:
 
         Every value still under that key, here or in any backup, becomes
         unreadable: reading it raises
-        :class:`~sqlalchemy_kms.errors.UnknownKeyVersionError`.
+        :class:`~sqlalchemy_kms.errors.UnknownKeyVersionError`. Other processes
+        that hold the key in memory keep it until their ``cache_max_age`` ends
+        (see ``docs/security.md``).
         """
-        from . import rotation
-
-        rotation.destroy_key(self, table, version, search=search, confirm=confirm)
+        series = KeySeries(scope_of(table), search)
+        retire_jobs.destroy_key(self.key_table, self.connections, series, version, confirm=confirm)
+        self.keys.invalidate(series, version)
 
     def rewrap(self, provider: KeyProvider, *, table: Table | str | None = None) -> int:
         """Re-wrap every data key (or one table's) under ``provider``; no row is touched.
 
         With AWS KMS on both sides this is KMS ``ReEncrypt``. Afterwards this
-        vault uses ``provider``. Returns the number of keys rewrapped.
+        vault makes new keys under ``provider``, and still reads keys of
+        tables not rewrapped (a partial rewrap) through the provider that
+        made them. Returns the number of keys rewrapped.
         """
-        from . import rotation
-
-        return rotation.rewrap(self, provider, table=table)
+        source = self._unwrapping
+        scope = None if table is None else scope_of(table)
+        done = rewrap_jobs.rewrap(self.key_table, self.connections, source, provider, scope=scope)
+        if provider is not self.provider:
+            self._unwrapping = (
+                source.with_primary(provider)
+                if isinstance(source, MultiKms)
+                else MultiKms(provider, source)
+            )
+            self.provider = provider
+        return done
 
     def export_keys(self) -> dict[str, Any]:
         """The key table as JSON-ready data (wrapped keys only: safe to back up)."""
-        from . import rotation
-
-        return rotation.export_keys(self)
+        return backup_jobs.export_keys(self.key_table, self.connections)
 
     def import_keys(self, data: Mapping[str, Any]) -> int:
         """Restore keys exported by :meth:`export_keys`; refuses conflicting ids."""
-        from . import rotation
+        added = backup_jobs.import_keys(self.key_table, self.connections, data)
+        if added:
+            self.clear_cache()
+        return added
 
-        return rotation.import_keys(self, data)
-
-    def _forget_ring(self, ring: KeyRing) -> None:
-        with self._guard:
-            self._active.pop(ring, None)
-            self._search.pop(ring[0], None)
-            self._readers.clear()
-            self._openers.clear()
-            self._preloaded.clear()
-
-    def key_versions(self, table: Table | str, *, search: bool = False) -> list[int]:
-        """Enabled key versions of ``table``, newest first."""
-        ring = (_scope_of(table), SEARCH if search else DATA)
-        with self.engine.connect() as conn:
-            return [row.version for row in self._select_enabled(conn, ring)]
+    # -- metrics -----------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
         """Counters for metrics.
@@ -528,20 +465,25 @@ class KeyVault:
         operation).
         """
         counters = {
-            "cache_entries": len(self.cache),
-            "cache_hits": self.cache.hits,
-            "cache_misses": self.cache.misses,
+            "cache_entries": len(self.keys),
+            "cache_hits": self.keys.cache.hits,
+            "cache_misses": self.keys.cache.misses,
             "decrypt_failures": self._decrypt_failures,
         }
-        for operation, count in sorted(self.provider.calls.items()):
+        calls = dict(self.provider.calls)
+        if self._unwrapping is not self.provider:
+            for operation, count in self._unwrapping.calls.items():
+                calls[operation] = calls.get(operation, 0) + count
+        for operation, count in sorted(calls.items()):
             counters[f"kms_{operation}"] = count
         return counters
 
-    def _count_decrypt_failure(self) -> None:
+    def count_decrypt_failure(self) -> None:
+        """Count one stored value that raised instead of decrypting."""
         with self._guard:
             self._decrypt_failures += 1
 
-    # -- connections ---------------------------------------------------------
+    # -- connections -------------------------------------------------------------
 
     @contextmanager
     def using(self, connection: Connection) -> Iterator[Connection]:
@@ -555,242 +497,23 @@ class KeyVault:
             with vault.using(op.get_bind()):
                 vault.reencrypt(patients, connection=op.get_bind())
         """
-        token = _bound_connection.set(weakref.ref(connection))
-        try:
+        with self.connections.using(connection):
             yield connection
-        finally:
-            _bound_connection.reset(token)
 
-    def _shared_connection(self) -> Connection | None:
-        """The connection key-table work must share: one bound with :meth:`using`, or,
-        on SQLite, the application's connection when it already holds a write lock."""
-        bound_ref = _bound_connection.get()
-        bound = bound_ref() if bound_ref is not None else None
-        if bound is not None and not bound.closed and bound.dialect is self.engine.dialect:
-            return bound
-        if not self._shares_writer:
-            return None
-        ref = _current_connection.get()
-        conn = ref() if ref is not None else None
-        if conn is None or conn.dialect is not self.engine.dialect or conn.closed:
-            return None
-        if not conn.in_transaction():
-            return None
-        # the driver's own connection (sqlite3 or aiosqlite) knows whether it holds a lock
-        if not getattr(conn.connection.driver_connection, "in_transaction", False):
-            return None
-        return conn
+    def _discard_pending(self, pending: Mapping[Any, Any]) -> None:
+        """Keys made inside a transaction that rolled back never existed: drop them."""
+        for key, cipher in pending.items():
+            if isinstance(key, tuple) and isinstance(key[0], KeySeries):
+                series, version = key
+                if self.keys.get(series, version) is cipher:
+                    self.keys.invalidate(series, version)
 
-    @contextmanager
-    def _reading(self) -> Iterator[Connection]:
-        shared = self._shared_connection()
-        if shared is not None:
-            yield shared
-            return
-        with self.engine.connect() as conn:
-            yield conn
+    def shares(self, connection: Connection) -> bool:
+        """Whether key-table work in this thread or task runs on ``connection`` now
+        (inside :meth:`using`, when the connection is open and of this engine)."""
+        return self.connections.shared() is connection
 
-    def _lock(self, ring: KeyRing) -> AbstractContextManager[Any]:
-        """Single-flight lock of one key ring; none on an async engine, whose event loop
-        must never block on a lock held across the driver's awaits (the key table's
-        primary key settles races there)."""
-        if self._is_async:
-            return nullcontext()
-        with self._guard:
-            return self._locks.setdefault(ring, threading.Lock())
-
-    # -- key rows ------------------------------------------------------------
-
-    def _ring_filter(self, ring: KeyRing) -> Any:
-        keys = self.table.c
-        return and_(keys.scope == ring[0], keys.purpose == ring[1])
-
-    def _run(self, conn: Connection, query: Any) -> list[_KeyRow]:
-        try:
-            rows = conn.execute(query).all()
-        except exc.DBAPIError as error:
-            raise self._missing_table(error) from error
-        return [_KeyRow(row[0], bytes(row[1]), row[2]) for row in rows]
-
-    def _select_enabled(self, conn: Connection, ring: KeyRing) -> list[_KeyRow]:
-        keys = self.table.c
-        query = (
-            select(keys.key_version, keys.wrapped_key, keys.master_key_id)
-            .where(self._ring_filter(ring), keys.state == "enabled")
-            .order_by(keys.key_version.desc())
-        )
-        return self._run(conn, query)
-
-    def _select_version(self, conn: Connection, ring: KeyRing, version: int) -> _KeyRow | None:
-        keys = self.table.c
-        query = select(keys.key_version, keys.wrapped_key, keys.master_key_id).where(
-            self._ring_filter(ring), keys.key_version == version
-        )
-        rows = self._run(conn, query)
-        return rows[0] if rows else None
-
-    def _insert(self, conn: Connection, ring: KeyRing, version: int) -> DataKeyCipher:
-        context = encryption_context(*ring, version)
-        provider = self.provider
-        generated = kms_call(
-            "GenerateDataKey",
-            context,
-            provider.master_key_id,
-            lambda: provider.generate_data_key(context),
-        )
-        conn.execute(
-            self.table.insert().values(
-                scope=ring[0],
-                purpose=ring[1],
-                key_version=version,
-                state="enabled",
-                provider=self.provider.name,
-                master_key_id=generated.master_key_id,
-                wrapped_key=generated.wrapped,
-                created_at=dt.datetime.now(dt.timezone.utc),
-            )
-        )
-        key_event(
-            "rotate" if version > 1 else "create",
-            ring[0],
-            ring[1],
-            version,
-            generated.master_key_id,
-        )
-        return DataKeyCipher(generated.plaintext, version)
-
-    def _insert_committed(self, ring: KeyRing, version: int) -> DataKeyCipher | None:
-        """Make and commit a key in its own transaction; ``None`` if another process won."""
-        try:
-            with self.engine.begin() as conn:
-                cipher = self._insert(conn, ring, version)
-        except exc.IntegrityError:
-            return None
-        except exc.DBAPIError as error:
-            raise self._missing_table(error) from error
-        self.cache.put((*ring, version), cipher)
-        return cipher
-
-    def _provider_for(self, master_key_id: str) -> KeyProvider:
-        """The provider that unwraps keys of ``master_key_id``: the vault's own, or one it
-        used before a partial :meth:`rewrap`."""
-        for provider in (self.provider, *self._other_providers):
-            if provider.owns(master_key_id):
-                return provider
-        return self.provider
-
-    def _unwrap(self, ring: KeyRing, row: _KeyRow) -> DataKeyCipher:
-        context = encryption_context(*ring, row.version)
-        provider = self._provider_for(row.master_key_id)
-        plaintext = kms_call(
-            "Decrypt",
-            context,
-            row.master_key_id,
-            lambda: provider.unwrap(row.wrapped, context, row.master_key_id),
-        )
-        return DataKeyCipher(plaintext, row.version)
-
-    @contextmanager
-    def _writing(self) -> Iterator[Connection]:
-        """A connection for a key-table change: the shared one, or a transaction of our own."""
-        shared = self._shared_connection()
-        if shared is not None:
-            yield shared
-            return
-        with self.engine.begin() as conn:
-            yield conn
-
-    def _audit_change(
-        self, operation: str, scope: str, purpose: str, version: int, master_key_id: str
-    ) -> None:
-        key_event(operation, scope, purpose, version, master_key_id)
-
-    def _cipher_for_row(self, ring: KeyRing, row: _KeyRow) -> DataKeyCipher:
-        return self.cache.get_or_load(
-            (*ring, row.version), lambda: self._unwrap(ring, row), single_flight=not self._is_async
-        )
-
-    # -- active keys ---------------------------------------------------------
-
-    def _active_cipher(self, scope: str, purpose: str) -> DataKeyCipher:
-        ring = (scope, purpose)
-        entry = self._active.get(ring)
-        if entry is not None and time.monotonic() < entry[1]:
-            return entry[0]
-        # a connection that holds SQLite's write lock must not wait for a thread that
-        # waits for that write lock: check before taking the ring's lock
-        shared = self._shared_connection()
-        if shared is not None:
-            return self._active_in_transaction(shared, ring)
-        with self._lock(ring):
-            entry = self._active.get(ring)
-            if entry is not None and time.monotonic() < entry[1]:
-                return entry[0]
-            cipher = self._load_or_make_active(ring)
-            expires = min(
-                time.monotonic() + self.refresh_interval,
-                self.cache.expires_at((*ring, cipher.key_version)),
-            )
-            self._active[ring] = (cipher, expires)
-            return cipher
-
-    def _load_or_make_active(self, ring: KeyRing) -> DataKeyCipher:
-        with self.engine.connect() as conn:
-            rows = self._select_enabled(conn, ring)
-        if rows:
-            return self._cipher_for_row(ring, rows[0])
-        made = self._insert_committed(ring, 1)
-        if made is not None:
-            return made
-        with self.engine.connect() as conn:  # lost the race: read the winner's key
-            rows = self._select_enabled(conn, ring)
-        if not rows:
-            raise UnknownKeyVersionError(
-                "the key table refused a new key but holds no enabled one", table=ring[0]
-            )
-        return self._cipher_for_row(ring, rows[0])
-
-    def _pending(self, conn: Connection) -> dict[Any, DataKeyCipher]:
-        pending: dict[Any, DataKeyCipher] = conn.info.setdefault(_PENDING_INFO, {})
-        return pending
-
-    def _active_in_transaction(self, conn: Connection, ring: KeyRing) -> DataKeyCipher:
-        """SQLite, inside a write transaction: read or make the key on that connection."""
-        pending = self._pending(conn)
-        cipher = pending.get(ring)
-        if cipher is not None:
-            return cipher
-        rows = self._select_enabled(conn, ring)
-        if rows:
-            return self._cipher_for_row(ring, rows[0])
-        cipher = self._insert(conn, ring, 1)
-        # usable by this transaction only, until it commits
-        pending[ring] = pending[(*ring, cipher.key_version)] = cipher
-        return cipher
-
-    def _search_ciphers(self, scope: str) -> list[DataKeyCipher]:
-        """Every enabled search key of ``scope``, newest first (refreshed like the active key)."""
-        entry = self._search.get(scope)
-        if entry is not None and time.monotonic() < entry[1]:
-            return entry[0]
-        ring = (scope, SEARCH)
-        self._active_cipher(scope, SEARCH)  # makes the first search key if needed
-        shared = self._shared_connection()
-        pending = self._pending(shared) if shared is not None else {}
-        with self._reading() as conn:
-            rows = self._select_enabled(conn, ring)
-        ciphers = [
-            pending.get((*ring, row.version)) or self._cipher_for_row(ring, row) for row in rows
-        ]
-        if shared is None:
-            expires = min(
-                [time.monotonic() + self.refresh_interval]
-                + [self.cache.expires_at((*ring, c.key_version)) for c in ciphers]
-            )
-            self._search[scope] = (ciphers, expires)
-        return ciphers
-
-    # -- async engines -------------------------------------------------------
+    # -- async engines -------------------------------------------------------------
 
     def _preload_result_keys(
         self,
@@ -810,147 +533,20 @@ class KeyVault:
         compiled = getattr(context, "compiled", None)
         if compiled is None:
             return
-        rings = self._result_rings.get(compiled)
-        if rings is None:
-            rings = self._result_rings[compiled] = _encrypted_result_rings(compiled)
-        for ring in rings:
-            if time.monotonic() >= self._preloaded.get(ring, 0.0):
-                self._preload(ring)
-        # keys made inside this connection's transaction (SQLite) are not in the key
-        # table for other connections yet
-        for key, cipher in conn.info.get(_PENDING_INFO, {}).items():
-            if len(key) == 3 and key[:2] in rings:
-                algorithm = ALG_RANDOMIZED if key[1] == DATA else ALG_DETERMINISTIC
-                self._readers[(key[0], pack_header(algorithm, key[2]))] = (
-                    cipher,
-                    time.monotonic() + self.refresh_interval,
-                )
-
-    def _preload(self, ring: KeyRing) -> None:
-        keys = self.table.c
-        query = select(keys.key_version, keys.wrapped_key, keys.master_key_id).where(
-            self._ring_filter(ring)
-        )
-        with self.engine.connect() as conn:
-            rows = self._run(conn, query)
-        algorithm = ALG_RANDOMIZED if ring[1] == DATA else ALG_DETERMINISTIC
-        expires = time.monotonic() + self.refresh_interval
-        for row in rows:
-            cipher = self._cipher_for_row(ring, row)
-            key = (*ring, row.version)
-            self._remember_reader(ring[0], pack_header(algorithm, row.version), cipher, key)
-            expires = min(expires, self.cache.expires_at(key))
-        self._preloaded[ring] = expires
-
-    # -- keys by version -----------------------------------------------------
-
-    def _cipher(self, ring: KeyRing, version: int) -> DataKeyCipher:
-        key = (*ring, version)
-        cipher = self.cache.get(key)
-        if cipher is not None:
-            return cipher
-        shared = self._shared_connection()
-        if shared is not None:
-            cipher = self._pending(shared).get(key)
-            if cipher is not None:
-                return cipher
-
-        def load() -> DataKeyCipher:
-            with self._reading() as conn:
-                row = self._select_version(conn, ring, version)
-            if row is None:
-                raise UnknownKeyVersionError(
-                    "the key table holds no such key version", table=ring[0], key_version=version
-                )
-            if ring[1] == SEARCH:  # a search key this process has not seen: refresh the list
+        needed = self._result_series.get(compiled)
+        if needed is None:
+            needed = self._result_series[compiled] = result_series(compiled)
+        now = time.monotonic()
+        for series in needed:
+            if now >= self._preloaded.get(series, 0.0) or self.keys.fresh(series) is None:
+                self.loader.preload(series)
                 with self._guard:
-                    self._search.pop(ring[0], None)
-            return self._unwrap(ring, row)
+                    self._preloaded[series] = now + self.refresh_interval
+                    if len(self._preloaded) > 2 * self.keys.cache.max_entries:
+                        self._preloaded.clear()  # bookkeeping stays bounded
+        # keys made inside this connection's transaction (SQLite) are not in the key
+        # table for other connections yet: readable here, dropped if it rolls back
+        for key, cipher in self.connections.pending_items(conn).items():
+            if isinstance(key, tuple) and isinstance(key[0], KeySeries) and key[0] in needed:
+                self.keys.put(key[0], cipher)
 
-        return self.cache.get_or_load(key, load, single_flight=not self._is_async)
-
-    # -- values (the hot path) -------------------------------------------------
-
-    def encrypt(self, scope: str, aad: bytes, plaintext: bytes) -> bytes:
-        """Encrypt one value of the column bound by ``aad`` (randomized)."""
-        entry = self._active.get((scope, DATA))
-        if entry is not None and time.monotonic() < entry[1]:
-            return entry[0].encrypt(plaintext, aad)
-        return self._active_cipher(scope, DATA).encrypt(plaintext, aad)
-
-    def encrypt_deterministic(self, scope: str, column: str, aad: bytes, plaintext: bytes) -> bytes:
-        """Encrypt one value of a deterministic column under the active search key."""
-        entry = self._active.get((scope, SEARCH))
-        if entry is not None and time.monotonic() < entry[1]:
-            cipher = entry[0]
-        else:
-            cipher = self._active_cipher(scope, SEARCH)
-        return cipher.encrypt_deterministic(plaintext, scope, column, aad)
-
-    def decrypt(self, scope: str, column: str, aad: bytes, stored: bytes) -> bytes:
-        """Decrypt one stored value of the column bound by ``aad``."""
-        algorithm, version = parse_header(stored)
-        ring = (scope, DATA if algorithm == ALG_RANDOMIZED else SEARCH)
-        cipher = self.cache.get((*ring, version)) or self._cipher(ring, version)
-        plaintext = cipher.decrypt(stored, aad, algorithm=algorithm, scope=scope, column=column)
-        self._remember_reader(scope, stored[:HEADER_SIZE], cipher, (*ring, version))
-        if algorithm == ALG_RANDOMIZED:
-            self._remember_opener(stored, cipher, (*ring, version))
-        return plaintext
-
-    def _remember_opener(
-        self, stored: bytes, cipher: DataKeyCipher, key: tuple[str, str, int]
-    ) -> None:
-        """Map a randomized value's ``header || salt`` to the subkey that opens it."""
-        openers = self._openers
-        if len(openers) >= _MAX_OPENERS:
-            openers.clear()
-        openers[stored[:SUBKEY_PREFIX_SIZE]] = (
-            cipher.subkey(stored[HEADER_SIZE:SUBKEY_PREFIX_SIZE]),
-            self.cache.expires_at(key),
-        )
-
-    def _remember_reader(
-        self, scope: str, header: bytes, cipher: DataKeyCipher, key: tuple[str, str, int]
-    ) -> None:
-        """Let the next value with this header find its cipher with one dictionary hit."""
-        readers = self._readers
-        if len(readers) >= 2 * self.cache.max_entries:
-            readers.clear()
-        readers[(scope, header)] = (cipher, self.cache.expires_at(key))
-
-    def reader(self, scope: str, header: bytes) -> DataKeyCipher | None:
-        """The cipher of a stored value's header, if known and fresh: the hot path of
-        :class:`~sqlalchemy_kms.KMSEncrypted` reads; ``None`` sends it to :meth:`decrypt`."""
-        entry = self._readers.get((scope, header))
-        if entry is not None and time.monotonic() < entry[1]:
-            return entry[0]
-        return None
-
-
-def _scope_of(table: Table | str) -> str:
-    return table_scope(table) if isinstance(table, Table) else table
-
-
-def _encrypted_result_rings(compiled: Any) -> frozenset[KeyRing]:
-    """The key rings the encrypted columns of a compiled statement's result use."""
-    from .types import KMSEncrypted
-
-    rings = set()
-    for entry in getattr(compiled, "_result_columns", None) or ():
-        column_type = entry[3]
-        if isinstance(column_type, KMSEncrypted) and column_type._binding is not None:
-            purpose = SEARCH if column_type.deterministic else DATA
-            rings.add((column_type._binding.scope, purpose))
-    return frozenset(rings)
-
-
-def _purposes_needed(table: Table) -> list[str]:
-    from .types import KMSEncrypted
-
-    kinds = {
-        column.type.deterministic
-        for column in table.columns
-        if isinstance(column.type, KMSEncrypted)
-    }
-    return [purpose for purpose, det in ((DATA, False), (SEARCH, True)) if det in kinds]

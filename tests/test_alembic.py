@@ -58,9 +58,10 @@ from sqlalchemy_kms.errors import (
     KeyLifecycleError,
     KMSInvalidCiphertextError,
 )
-from sqlalchemy_kms.rotation import key_rows, plaintext_to_binary_ddl
+from sqlalchemy_kms.lifecycle import plaintext_to_binary_ddl
 
 from .conftest import kms_client
+from .helpers import key_rows
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "migrations_example"
 EXAMPLE_ENV = (

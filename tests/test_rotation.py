@@ -38,7 +38,7 @@ from sqlalchemy_kms.errors import (
     KeyLifecycleError,
     UnknownKeyVersionError,
 )
-from sqlalchemy_kms.rotation import binary_to_plaintext_ddl, plaintext_to_binary_ddl
+from sqlalchemy_kms.lifecycle import binary_to_plaintext_ddl, plaintext_to_binary_ddl
 
 from .conftest import kms_client
 

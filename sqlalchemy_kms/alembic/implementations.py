@@ -21,11 +21,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.schema import DDL
 
 from ..errors import ConfigurationError, KeyLifecycleError
+from ..lifecycle.ddl import binary_to_plaintext_ddl, plaintext_to_binary_ddl
 from ..providers import KeyProvider
 from ..providers.uri import provider_from_uri
-
-# The column DDL of encrypt_column/decrypt_column: the package's one import from rotation.
-from ..rotation import binary_to_plaintext_ddl, plaintext_to_binary_ddl
 from ..types import KMSEncrypted
 from ..vault import KeyVault, key_table, vault_for
 from .ops import (
@@ -70,14 +68,10 @@ def _online(operations: Operations, operation: KMSOperation) -> tuple[Connection
 
 
 def _shares(vault: KeyVault, bind: Connection) -> bool:
-    """Whether key-table work inside ``vault.using(bind)`` really goes through ``bind``.
-
-    ``using()`` binds any connection, and the vault passes over one that is
-    closed or belongs to another engine. KeyVault has no public way to ask
-    which connection it will use, so this asks its private
-    ``_shared_connection()``: the one non-public vault detail of this package.
-    """
-    return vault._shared_connection() is bind
+    """Whether key-table work inside ``vault.using(bind)`` really goes through ``bind``
+    (``using()`` binds any connection; the vault passes over one that is closed or
+    belongs to another engine)."""
+    return vault.shares(bind)
 
 
 @contextmanager

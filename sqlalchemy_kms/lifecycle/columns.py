@@ -1,0 +1,221 @@
+"""Moving a column's stored values online: re-encrypt under the active key, or encrypt
+plaintext in place, or write the plaintext back.
+
+Each is one :func:`~sqlalchemy_kms.lifecycle.rewrite.rewrite_rows` job with
+its own transform. Values are decrypted and encrypted by the column types'
+own processors (their fast paths, and their documented errors), through the
+vault bound to the engine.
+
+Example::
+
+    vault.rotate_key(patients)                  # new writes use key 2 at once
+    vault.reencrypt(patients, progress=print)   # move old rows to key 2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Column, LargeBinary, Table
+from sqlalchemy.engine import Connection
+
+from .._connections import Connections
+from .._format import ALG_DETERMINISTIC, ALG_RANDOMIZED, HEADER_SIZE, pack_header, parse_header
+from .._keytable import KeySeries, table_scope
+from ..errors import InvalidCiphertextError, KeyLifecycleError
+from ..types import KMSEncrypted, encrypted_columns
+from .rewrite import Progress, ProgressCallback, Transform, rewrite_rows
+
+__all__ = ["chosen_columns", "decrypt_column", "encrypt_column", "reencrypt"]
+
+#: The active version of a key series (made if it has none).
+ActiveVersion = Callable[[KeySeries], int]
+
+
+def _as_bytes(stored: Any) -> bytes | None:
+    if isinstance(stored, bytes):
+        return stored
+    if isinstance(stored, (bytearray, memoryview)):
+        return bytes(stored)
+    return None
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        parse_header(raw)
+    except InvalidCiphertextError:
+        return False
+    return True
+
+
+def chosen_columns(table: Table, names: Sequence[str] | None) -> list[Column[Any]]:
+    """The encrypted columns of ``table`` (or those named); refuses other names."""
+    columns = encrypted_columns(table)
+    if names is not None:
+        columns = [column for column in columns if column.name in set(names)]
+        unknown = set(names) - {column.name for column in columns}
+        if unknown:
+            raise KeyLifecycleError(
+                f"not encrypted columns of the table: {', '.join(sorted(unknown))}",
+                table=table_scope(table),
+            )
+    return columns
+
+
+@contextmanager
+def _using(connections: Connections, connection: Connection | None) -> Iterator[None]:
+    if connection is None:
+        yield
+    else:
+        with connections.using(connection):
+            yield
+
+
+def _encrypting_transform(
+    connections: Connections, table: Table, active_version: ActiveVersion, *, legacy: bool
+) -> Transform:
+    """Re-encrypt every value not under the table's active key (and, with
+    ``legacy``, encrypt plaintext values)."""
+    scope = table_scope(table)
+    targets: dict[bool, bytes] = {}
+
+    def target_header(deterministic: bool) -> bytes:
+        header = targets.get(deterministic)
+        if header is None:  # asked once per mode, and only for a mode the table uses
+            algorithm = ALG_DETERMINISTIC if deterministic else ALG_RANDOMIZED
+            version = active_version(KeySeries(scope, deterministic))
+            header = targets[deterministic] = pack_header(algorithm, version)
+        return header
+
+    dialect = connections.engine.dialect
+    # the column types' own processors: their fast paths, and their errors
+    processors: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {}
+
+    def transform(column: Column[Any], stored: Any) -> Any:
+        if stored is None:
+            return None
+        column_type: KMSEncrypted = column.type  # type: ignore[assignment]
+        raw = _as_bytes(stored)
+        if raw is not None and raw[:HEADER_SIZE] == target_header(column_type.deterministic):
+            return None  # already under the active key
+        if column.name not in processors:
+            processors[column.name] = (
+                column_type.result_processor(dialect, None),
+                column_type.bind_processor(dialect),
+            )
+        decrypt, encrypt = processors[column.name]
+        if raw is not None and _parses(raw):
+            value = decrypt(raw)
+        elif legacy:
+            value = column_type.from_legacy(stored)
+        else:
+            raise InvalidCiphertextError(
+                "stored value is plaintext; encrypt the column with encrypt_column()",
+                table=scope,
+                column=column.name,
+            )
+        return encrypt(value)
+
+    return transform
+
+
+def reencrypt(
+    connections: Connections,
+    table: Table,
+    active_version: ActiveVersion,
+    *,
+    columns: Sequence[str] | None = None,
+    batch_size: int = 1000,
+    progress: ProgressCallback | None = None,
+    connection: Connection | None = None,
+) -> Progress:
+    """Move every encrypted value of ``table`` to the active data key (randomized
+    columns) or search key (deterministic columns)."""
+    chosen = chosen_columns(table, columns)
+    with _using(connections, connection):
+        transform = _encrypting_transform(connections, table, active_version, legacy=False)
+        return rewrite_rows(
+            connections.engine,
+            table,
+            chosen,
+            transform,
+            batch_size=batch_size,
+            progress=progress,
+            connection=connection,
+        )
+
+
+def encrypt_column(
+    connections: Connections,
+    table: Table,
+    column: str,
+    active_version: ActiveVersion,
+    *,
+    batch_size: int = 1000,
+    progress: ProgressCallback | None = None,
+    connection: Connection | None = None,
+) -> Progress:
+    """Encrypt the plaintext values of ``table.c[column]`` in place.
+
+    ``table`` describes the column as it will be: ``KMSEncrypted(...)``. The
+    database column must already hold binary values or, on SQLite, any value
+    (see :func:`~sqlalchemy_kms.lifecycle.ddl.plaintext_to_binary_ddl`).
+    """
+    target = chosen_columns(table, [column])
+    with _using(connections, connection):
+        transform = _encrypting_transform(connections, table, active_version, legacy=True)
+        return rewrite_rows(
+            connections.engine,
+            table,
+            target,
+            transform,
+            batch_size=batch_size,
+            progress=progress,
+            connection=connection,
+        )
+
+
+def decrypt_column(
+    connections: Connections,
+    table: Table,
+    column: str,
+    *,
+    batch_size: int = 1000,
+    progress: ProgressCallback | None = None,
+    connection: Connection | None = None,
+) -> Progress:
+    """Write the plaintext of ``table.c[column]`` back in place (the reverse step).
+
+    On PostgreSQL and MySQL the binary column receives each value's text as
+    UTF-8 bytes, ready for :func:`~sqlalchemy_kms.lifecycle.ddl.binary_to_plaintext_ddl`;
+    on SQLite it receives the value as the plaintext type stores it.
+    """
+    [target] = chosen_columns(table, [column])
+    column_type: KMSEncrypted = target.type  # type: ignore[assignment]
+    dialect = connections.engine.dialect
+    sqlite = dialect.name == "sqlite"
+    decrypt = column_type.result_processor(dialect, None)
+
+    def transform(col: Column[Any], stored: Any) -> Any:
+        raw = _as_bytes(stored)
+        if raw is None or not _parses(raw):
+            return None  # NULL, or plaintext already
+        value = decrypt(raw)
+        return value if sqlite else column_type.legacy_text(value)
+
+    def value_type(col: Column[Any]) -> Any:
+        return column_type.inner_type if sqlite else LargeBinary()
+
+    with _using(connections, connection):
+        return rewrite_rows(
+            connections.engine,
+            table,
+            [target],
+            transform,
+            batch_size=batch_size,
+            progress=progress,
+            connection=connection,
+            new_value_type=value_type,
+        )

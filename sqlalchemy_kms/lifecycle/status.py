@@ -1,0 +1,161 @@
+"""What the key table and the stored headers say: keys per table, rows per key version.
+
+The database counts the rows from the stored headers (``substr`` of the first
+six bytes, grouped), so a report over millions of rows reads no value and
+needs no key.
+
+Example::
+
+    for table in vault.status(Base.metadata):
+        for column in table.columns:
+            print(table.table, column.column, column.rows_by_version)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Column, LargeBinary, Table, bindparam, func, select, type_coerce
+from sqlalchemy.engine import Connection
+from sqlalchemy.types import NullType
+
+from .._connections import Connections
+from .._format import ALG_DETERMINISTIC, ALG_RANDOMIZED, FORMAT_VERSION, HEADER_SIZE, pack_header
+from .._keytable import ENABLED, KeySeries, KeyTable, table_scope
+from ..types import encrypted_columns
+
+__all__ = ["ColumnStatus", "KeyStatus", "TableStatus", "rows_using", "status"]
+
+
+@dataclass
+class KeyStatus:
+    """One row of the key table."""
+
+    purpose: str
+    key_version: int
+    state: str
+    provider: str
+    master_key_id: str
+    created_at: dt.datetime | None
+    active: bool
+
+
+@dataclass
+class ColumnStatus:
+    """How the stored values of one encrypted column are spread over key versions."""
+
+    column: str
+    deterministic: bool
+    rows_by_version: dict[int, int]
+    null_rows: int
+    other_rows: int  # plaintext or not our format
+
+    @property
+    def total(self) -> int:
+        """Every row of the table, counted once."""
+        return sum(self.rows_by_version.values()) + self.null_rows + self.other_rows
+
+
+@dataclass
+class TableStatus:
+    """Keys and rows of one table."""
+
+    table: str
+    keys: list[KeyStatus]
+    columns: list[ColumnStatus]
+
+
+def _header(column: Column[Any]) -> Any:
+    return func.substr(type_coerce(column, NullType()), 1, HEADER_SIZE)
+
+
+def _as_bytes(stored: Any) -> bytes | None:
+    if isinstance(stored, bytes):
+        return stored
+    if isinstance(stored, (bytearray, memoryview)):
+        return bytes(stored)
+    return None
+
+
+def header_counts(conn: Connection, table: Table, column: Column[Any]) -> dict[Any, int]:
+    """Rows of ``table`` per distinct stored header of ``column`` (``None``: NULL)."""
+    header = _header(column)
+    query = select(header, func.count()).select_from(table).group_by(header)
+    return {value: count for value, count in conn.execute(query)}
+
+
+def column_status(conn: Connection, table: Table, column: Column[Any]) -> ColumnStatus:
+    """Rows per key version of one column, counted by the database from the headers."""
+    deterministic = bool(column.type.deterministic)  # type: ignore[attr-defined]
+    algorithm = ALG_DETERMINISTIC if deterministic else ALG_RANDOMIZED
+    by_version: dict[int, int] = {}
+    nulls = others = 0
+    for header, count in header_counts(conn, table, column).items():
+        if header is None:
+            nulls += count
+            continue
+        raw = _as_bytes(header)
+        if raw is None or len(raw) < HEADER_SIZE or raw[0] != FORMAT_VERSION or raw[1] != algorithm:
+            # plaintext, another format, or values of the other mode (the column changed)
+            others += count
+            continue
+        version = int.from_bytes(raw[2:HEADER_SIZE], "big")
+        by_version[version] = by_version.get(version, 0) + count
+    return ColumnStatus(column.name, deterministic, by_version, nulls, others)
+
+
+def status(keys: KeyTable, connections: Connections, tables: Sequence[Table]) -> list[TableStatus]:
+    """Keys and rows per key version for every table with encrypted columns."""
+    report = []
+    for table in tables:
+        columns = encrypted_columns(table)
+        if not columns:
+            continue
+        scope = table_scope(table)
+        with connections.reading() as conn:
+            rows = keys.rows(conn, scope)
+            spread = [column_status(conn, table, column) for column in columns]
+        newest: dict[str, int] = {}
+        for row in rows:
+            if row.state == ENABLED:
+                purpose = row.series.purpose
+                newest[purpose] = max(newest.get(purpose, 0), row.version)
+        report.append(
+            TableStatus(
+                scope,
+                [
+                    KeyStatus(
+                        row.series.purpose,
+                        row.version,
+                        row.state,
+                        row.provider,
+                        row.master_key_id,
+                        row.created_at,
+                        newest.get(row.series.purpose) == row.version,
+                    )
+                    for row in rows
+                ],
+                spread,
+            )
+        )
+    return report
+
+
+def rows_using(conn: Connection, table: Table, series: KeySeries, version: int) -> int:
+    """How many stored values of ``table`` are under key ``version`` of ``series``."""
+    algorithm = ALG_DETERMINISTIC if series.deterministic else ALG_RANDOMIZED
+    header = pack_header(algorithm, version)
+    count = 0
+    for column in encrypted_columns(table):
+        if column.type.deterministic != series.deterministic:  # type: ignore[attr-defined]
+            continue
+        query = (
+            select(func.count())
+            .select_from(table)
+            .where(_header(column) == bindparam("header", header, type_=LargeBinary()))
+        )
+        count += int(conn.execute(query).scalar_one())
+    return count
