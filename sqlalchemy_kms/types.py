@@ -34,101 +34,48 @@ import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import Column, Table, bindparam, event
+from sqlalchemy import Column, Table, event
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect, Engine, ExceptionContext
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import BinaryExpression, ClauseList, ColumnElement, Grouping
 
 from ._codecs import Codec, codec_for
 from ._format import (
     DETERMINISTIC_OVERHEAD,
     MAX_OVERHEAD,
     RANDOMIZED_OVERHEAD,
-    column_aad,
     parse_header,
 )
 from ._keytable import KeySeries, table_scope
+from ._query import (
+    SEARCH_SLOTS,
+    VAULT_ATTR,
+    Binding,
+    EncryptedComparator,
+    SearchTerm,
+    with_context,
+)
 from .errors import (
     ConfigurationError,
     DecryptionError,
     InvalidCiphertextError,
     KeyTableMissingError,
     SQLAlchemyKMSError,
-    UnsupportedQueryError,
     VaultNotFoundError,
 )
 
-__all__ = ["KMSEncrypted", "encrypted_columns", "encrypted_series", "result_series"]
-
-#: The attribute of an engine's dialect that holds its vault.
-VAULT_ATTR = "_sqlalchemy_kms_vault"
+__all__ = [
+    "SEARCH_SLOTS",
+    "VAULT_ATTR",
+    "KMSEncrypted",
+    "encrypted_columns",
+    "encrypted_series",
+    "result_series",
+]
 
 
 def _vault_of(dialect: Dialect | None) -> Any:
     return getattr(dialect, VAULT_ATTR, None)
-
-#: Key versions of one search key an equality query can match at once. Each
-#: ``==``/``in_()`` on a deterministic column binds this many values per
-#: operand, one for each enabled search key version (unused ones match nothing).
-SEARCH_SLOTS = 4
-
-_EQUALITY = {operators.eq: False, operators.ne: True}
-_MEMBERSHIP = {operators.in_op: False, operators.not_in_op: True}
-_NULL_TESTS = {operators.is_, operators.is_not}
-_NEVER_STORED = b""  # no stored value is empty: matches nothing, even under NOT IN
-_BOOLEAN = sqltypes.Boolean()
-
-_RANDOMIZED_HINT = (
-    "Only IS NULL / IS NOT NULL work on a randomized column; for equality use "
-    "KMSEncrypted(..., deterministic=True). Ranges, patterns and ordering cannot work on "
-    "encrypted columns."
-)
-_DETERMINISTIC_HINT = (
-    "Deterministic columns support ==, !=, in_(), not_in(), is_(None) and is_not(None) with "
-    "Python values. Ranges, patterns, ordering and comparisons with other columns cannot work "
-    "on encrypted columns."
-)
-
-
-_COLUMN_COMPARISON_HINT = (
-    "An encrypted column can be compared only with Python values: each column has its own "
-    "key, so it cannot be joined or compared with another column."
-)
-
-
-def _is_sql_expression(value: Any) -> bool:
-    return isinstance(value, (ColumnElement, operators.ColumnOperators)) or hasattr(
-        value, "__clause_element__"
-    )
-
-
-class _ColumnComparison(BinaryExpression[Any]):
-    """``encrypted_column == other_expression``: fine as a Python truth test, refused as SQL."""
-
-    inherit_cache = True
-
-
-@compiles(_ColumnComparison)
-def _refuse_column_comparison(element: _ColumnComparison, compiler: Any, **kw: Any) -> str:
-    for side in (element.left, element.right):
-        column_type = getattr(side, "type", None)
-        if isinstance(column_type, KMSEncrypted):
-            binding = column_type._binding
-            raise UnsupportedQueryError(
-                _COLUMN_COMPARISON_HINT,
-                operator=_operator_name(element.operator),
-                table=binding.scope if binding else None,
-                column=binding.column if binding else None,
-            )
-    raise UnsupportedQueryError(_COLUMN_COMPARISON_HINT, operator="eq")
-
-
-def _operator_name(op: Any) -> str:
-    name = str(getattr(op, "__name__", op))
-    return name.removesuffix("_op")
 
 
 # no stored value is shorter: anything shorter goes to the complete path, which rejects it
@@ -136,96 +83,6 @@ _SHORTEST = min(RANDOMIZED_OVERHEAD, DETERMINISTIC_OVERHEAD)
 
 # VARBINARY up to this size on MySQL/MariaDB (indexable, inside the row); BLOBs beyond.
 _MYSQL_VARBINARY_MAX = 8192
-
-
-class _Binding:
-    """Where a column lives: its key scope, name, associated data and key series."""
-
-    __slots__ = ("aad", "column", "scope", "series")
-
-    def __init__(self, scope: str, column: str, deterministic: bool) -> None:
-        self.scope = scope
-        self.column = column
-        self.aad = column_aad(scope, column)
-        self.series = KeySeries(scope, deterministic)
-
-
-def _with_context(error: SQLAlchemyKMSError, binding: _Binding | None) -> SQLAlchemyKMSError:
-    if binding is not None:
-        error.table = error.table or binding.scope
-        error.column = error.column or binding.column
-        error.args = (error._render(),)
-    return error
-
-
-class _EncryptedComparator(sqltypes.TypeDecorator.Comparator[Any]):
-    """Lets through what encryption can answer and refuses the rest when built."""
-
-    __slots__ = ()
-
-    def _refuse(self, op: Any, hint: str | None = None) -> UnsupportedQueryError:
-        column_type: KMSEncrypted = self.type  # type: ignore[assignment]
-        binding = column_type._binding
-        if hint is None:
-            hint = _DETERMINISTIC_HINT if column_type.deterministic else _RANDOMIZED_HINT
-        return UnsupportedQueryError(
-            hint,
-            operator=_operator_name(op),
-            table=binding.scope if binding else None,
-            column=binding.column if binding else getattr(self.expr, "key", None),
-        )
-
-    def operate(self, op: Any, *other: Any, **kwargs: Any) -> ColumnElement[Any]:
-        column_type: KMSEncrypted = self.type  # type: ignore[assignment]
-        if op in _NULL_TESTS or (op in _EQUALITY and other and other[0] is None):
-            return super().operate(op, *other, **kwargs)
-        if op in _EQUALITY and _is_sql_expression(other[0]):
-            # Built, because SQLAlchemy itself compares columns with == (and only
-            # asks the result for truth); refused when compiled into SQL.
-            comparison = super().operate(op, *other, **kwargs)
-            comparison.__class__ = _ColumnComparison
-            return comparison
-        if column_type.deterministic:
-            if op in _EQUALITY:
-                return self._match(op, [other[0]], negate=_EQUALITY[op])
-            if op in _MEMBERSHIP:
-                return self._match(op, other[0], negate=_MEMBERSHIP[op])
-            if op is operators.distinct_op:
-                return super().operate(op, *other, **kwargs)
-        raise self._refuse(op)
-
-    def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> ColumnElement[Any]:
-        raise self._refuse(op)
-
-    def _match(self, op: Any, values: Any, *, negate: bool) -> ColumnElement[Any]:
-        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-            raise self._refuse(
-                op,
-                "On a deterministic column in_() takes a list of Python values, "
-                "not a subquery or a string.",
-            )
-        values = list(values)
-        if any(_is_sql_expression(value) for value in values):
-            raise self._refuse(op, _COLUMN_COMPARISON_HINT)
-        column_type: KMSEncrypted = self.type  # type: ignore[assignment]
-        term_type = column_type._search_term
-        slots = range(SEARCH_SLOTS + (1 if column_type.accept_plaintext else 0))
-        membership = operators.not_in_op if negate else operators.in_op
-        if op in _EQUALITY:
-            # one value: a fixed list of parameters, so no expansion per execution
-            params = [
-                bindparam(None, (values[0], slot), type_=term_type, unique=True) for slot in slots
-            ]
-            return BinaryExpression(
-                self.expr,
-                Grouping(ClauseList(*params)),
-                membership,
-                negate=operators.in_op if negate else operators.not_in_op,
-                type_=_BOOLEAN,
-            )
-        terms = [(value, slot) for value in values for slot in slots]
-        param = bindparam(None, terms, type_=term_type, expanding=True, unique=True)
-        return super().operate(membership, param)
 
 
 class KMSEncrypted(sqltypes.TypeDecorator[Any]):
@@ -273,7 +130,7 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
 
     impl = sqltypes.LargeBinary
     cache_ok = True
-    comparator_factory = _EncryptedComparator
+    comparator_factory = EncryptedComparator
 
     def __init__(
         self,
@@ -290,16 +147,16 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         self.normalize = normalize
         self.accept_plaintext = bool(accept_plaintext)
         self._codec: Codec = codec_for(inner)
-        self._binding: _Binding | None = None
+        self._binding: Binding | None = None
         self._column: Column[Any] | None = None
         super().__init__()
 
     @property
-    def _search_term(self) -> _SearchTerm:
+    def _search_term(self) -> SearchTerm:
         """The bind type of this column's equality operands (one per column)."""
         term = self.__dict__.get("_search_term_type")
         if term is None or term.column_type is not self:  # none yet, or copied from another
-            term = self.__dict__["_search_term_type"] = _SearchTerm(self)
+            term = self.__dict__["_search_term_type"] = SearchTerm(self)
         return term
 
     def __repr__(self) -> str:
@@ -342,7 +199,7 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
     def _attach_table(self, column: Column[Any], table: Any) -> None:
         if not isinstance(table, Table) or column.type is not self:
             return
-        self._binding = _Binding(table_scope(table), column.name, self.deterministic)
+        self._binding = Binding(table_scope(table), column.name, self.deterministic)
         if not event.contains(table, "after_create", _make_key_for_new_table):
             event.listen(table, "after_create", _make_key_for_new_table)
 
@@ -425,7 +282,7 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         return process
 
     def _deterministic_bind_processor(
-        self, dialect: Dialect, binding: _Binding
+        self, dialect: Dialect, binding: Binding
     ) -> Callable[[Any], Any]:
         complete = self.process_bind_param
         series, scope, column, aad = binding.series, binding.scope, binding.column, binding.aad
@@ -485,7 +342,7 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
                 )
             return cipher.encrypt(plaintext, binding.aad)  # type: ignore[no-any-return]
         except SQLAlchemyKMSError as error:
-            raise _with_context(error, binding) from None
+            raise with_context(error, binding) from None
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
@@ -505,7 +362,7 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
             plaintext = vault.decrypt(binding.scope, binding.column, binding.aad, value)
         except SQLAlchemyKMSError as error:
             _count_failure(dialect)
-            raise _with_context(error, binding) from None
+            raise with_context(error, binding) from None
         try:
             return self._codec.decode(plaintext)
         except (ValueError, KeyError, ArithmeticError, RecursionError):
@@ -516,7 +373,7 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
                 column=binding.column,
             ) from None
 
-    def _from_plaintext(self, value: Any, binding: _Binding, dialect: Dialect) -> Any:
+    def _from_plaintext(self, value: Any, binding: Binding, dialect: Dialect) -> Any:
         try:
             return self._codec.from_legacy(value)
         except (ValueError, KeyError, ArithmeticError, RecursionError, TypeError):
@@ -543,90 +400,6 @@ def _looks_encrypted(value: Any) -> bool:
     except InvalidCiphertextError:
         return False
     return True
-
-
-class _PassThroughBinary(sqltypes.LargeBinary):
-    """Binary that hands values to the driver untouched (bytes, or text for a not yet
-    converted SQLite cell)."""
-
-    def bind_processor(self, dialect: Dialect) -> None:
-        return None
-
-
-def _plaintext_form(text: bytes, dialect: Dialect) -> Any:
-    # an unconverted SQLite cell still holds TEXT; server columns hold the text's bytes
-    return text.decode("utf-8") if dialect.name == "sqlite" else text
-
-
-class _SearchTerm(sqltypes.TypeDecorator[Any]):
-    """Bind type of an equality operand: ``(value, slot)`` becomes the stored form of
-    ``value`` under the enabled search key number ``slot`` (newest first)."""
-
-    impl = _PassThroughBinary
-    cache_ok = True
-
-    def __init__(self, column_type: KMSEncrypted) -> None:
-        self.column_type = column_type
-        super().__init__()
-
-    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any]:
-        complete = self.process_bind_param
-        column_type = self.column_type
-        binding = column_type._binding
-        if binding is None or column_type.normalize is not None:
-            return lambda value: complete(value, dialect)
-        series, scope, column, aad = binding.series, binding.scope, binding.column, binding.aad
-        encode = column_type._codec.encode
-
-        def process(value: Any) -> Any:
-            plain, slot = value
-            vault = getattr(dialect, VAULT_ATTR, None)
-            if plain is not None and vault is not None and slot < SEARCH_SLOTS:
-                keys = vault.keys.fresh(series)
-                ciphers = keys.enabled if keys is not None else None
-                if ciphers is not None and len(ciphers) <= SEARCH_SLOTS:
-                    if slot >= len(ciphers):
-                        return _NEVER_STORED
-                    try:
-                        return ciphers[slot].seal_deterministic(encode(plain), scope, column, aad)
-                    except SQLAlchemyKMSError:
-                        pass  # the complete path raises it with its context
-            return complete(value, dialect)
-
-        return process
-
-    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
-        plain, slot = value
-        if plain is None:
-            return None
-        column_type = self.column_type
-        binding = column_type._binding
-        try:
-            vault = column_type._vault(dialect)
-            assert binding is not None
-            if column_type.normalize is not None:
-                plain = column_type.normalize(plain)
-            ciphers = vault.loader.enabled(binding.series)
-            if len(ciphers) > SEARCH_SLOTS:
-                raise UnsupportedQueryError(
-                    f"{len(ciphers)} search key versions are enabled and equality can match at "
-                    f"most {SEARCH_SLOTS} at once; finish re-encrypting the table and retire "
-                    "old search key versions",
-                    operator="eq",
-                    table=binding.scope,
-                    column=binding.column,
-                )
-            if slot == SEARCH_SLOTS:  # transition mode: the value as plaintext
-                return _plaintext_form(column_type._codec.legacy_text(plain), dialect)
-            if slot >= len(ciphers):
-                return _NEVER_STORED
-            plaintext = column_type._codec.encode(plain)
-            token: bytes = ciphers[slot].seal_deterministic(
-                plaintext, binding.scope, binding.column, binding.aad
-            )
-            return token
-        except SQLAlchemyKMSError as error:
-            raise _with_context(error, binding) from None
 
 
 def _make_key_for_new_table(table: Table, connection: Any, **kw: Any) -> None:

@@ -1,96 +1,38 @@
-"""Shared fixtures: a real KMS over HTTP (moto_server), and the database matrix.
+"""Shared fixtures: a real KMS over HTTP (moto_server), the database matrix, vaults.
 
-Database URLs come from the environment, with the defaults of the project's
-development machines:
-
-* ``SQLALCHEMY_KMS_TEST_POSTGRES_URL`` (``postgresql+psycopg://postgres@127.0.0.1:5432/test``)
-* ``SQLALCHEMY_KMS_TEST_MARIADB_URL`` (``mysql+pymysql://root@127.0.0.1:3306/test``)
-
-A server that cannot be reached makes its tests skip, unless
-``SQLALCHEMY_KMS_REQUIRE_SERVERS=1`` (set by ``.ci/run``), which makes it a
-failure. ``SQLALCHEMY_KMS_TEST_DATABASES`` (comma-separated, default
-``sqlite,postgresql,mariadb``) narrows the matrix.
+The helpers they use (database URLs, the KMS client, the call counter) are in
+``tests/helpers.py``; test modules import them from there.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import boto3
 import pytest
-from sqlalchemy import MetaData, create_engine, inspect
+from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import Engine
 
 from sqlalchemy_kms import AwsKms, KeyVault, LocalKms
 
-SERVER_URLS = {
-    "postgresql": os.environ.get(
-        "SQLALCHEMY_KMS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-    ),
-    "mariadb": os.environ.get(
-        "SQLALCHEMY_KMS_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test"
-    ),
-}
-DATABASES = [
-    name.strip()
-    for name in os.environ.get("SQLALCHEMY_KMS_TEST_DATABASES", "sqlite,postgresql,mariadb").split(
-        ","
-    )
-    if name.strip()
-]
-REQUIRE_SERVERS = os.environ.get("SQLALCHEMY_KMS_REQUIRE_SERVERS") == "1"
-REGION = "us-east-1"
-CMK_ALIAS = "alias/sqlalchemy-kms-test"
+from .helpers import (
+    CMK_ALIAS,
+    DATABASES,
+    REGION,
+    CallCounter,
+    database_url,
+    drop_new_tables,
+    free_port,
+    kms_client,
+)
 
-_reachable: dict[str, str | None] = {}
-
-
-def _server_problem(name: str) -> str | None:
-    """``None`` when the server answers, else why not (checked once per session)."""
-    if name not in _reachable:
-        engine = create_engine(SERVER_URLS[name])
-        try:
-            with engine.connect():
-                pass
-            _reachable[name] = None
-            # the test database belongs to the suite: start from an empty one
-            drop_new_tables(engine, set())
-        except Exception as exc:  # any failure to connect means "not reachable"
-            _reachable[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        finally:
-            engine.dispose()
-    return _reachable[name]
-
-
-def database_url(name: str, tmp_path: Path) -> str:
-    """The URL of database ``name`` for one test, skipping or failing if unreachable."""
-    if name == "sqlite":
-        return f"sqlite:///{tmp_path / 'test.db'}"
-    problem = _server_problem(name)
-    if problem is not None:
-        message = f"{name} at {SERVER_URLS[name]} is not reachable ({problem})"
-        if REQUIRE_SERVERS:
-            pytest.fail(message)
-        pytest.skip(message)
-    return SERVER_URLS[name]
-
-
-def drop_new_tables(engine: Engine, before: set[str]) -> None:
-    """Drop every table the test created, so tests never see each other's data."""
-    metadata = MetaData()
-    names = set(inspect(engine).get_table_names()) - before
-    if names:
-        metadata.reflect(engine, only=lambda name, _: name in names)
-        metadata.drop_all(engine, checkfirst=True)
+# re-exported for test modules that still import them from here
+__all__ = ["DATABASES", "REGION", "CallCounter", "database_url", "kms_client"]
 
 
 @pytest.fixture(params=DATABASES)
@@ -115,16 +57,10 @@ def engine(db_url: str) -> Iterator[Engine]:
 # -- KMS -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def kms_endpoint() -> Iterator[str]:
     """A moto KMS server on a free loopback port, stopped by PID at the end."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -177,16 +113,6 @@ def kms_endpoint() -> Iterator[str]:
             process.wait()
 
 
-def kms_client(endpoint: str) -> Any:
-    return boto3.client(
-        "kms",
-        endpoint_url=endpoint,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-
-
 @pytest.fixture(scope="session")
 def cmk(kms_endpoint: str) -> dict[str, str]:
     """A symmetric master key in the moto KMS, with an alias."""
@@ -194,17 +120,6 @@ def cmk(kms_endpoint: str) -> dict[str, str]:
     metadata = client.create_key(Description="sqlalchemy-kms tests")["KeyMetadata"]
     client.create_alias(AliasName=CMK_ALIAS, TargetKeyId=metadata["KeyId"])
     return {"key_id": metadata["KeyId"], "arn": metadata["Arn"], "alias": CMK_ALIAS}
-
-
-class CallCounter:
-    """Counts KMS API calls made through one boto3 client (botocore event hook)."""
-
-    def __init__(self, client: Any) -> None:
-        self.calls: Counter[str] = Counter()
-        client.meta.events.register("before-call.kms", self._count)
-
-    def _count(self, model: Any, **kwargs: Any) -> None:
-        self.calls[model.name] += 1
 
 
 @pytest.fixture
@@ -222,8 +137,15 @@ def local_kms() -> LocalKms:
 
 
 @pytest.fixture
-def vault(engine: Engine, kms: AwsKms) -> Iterator[KeyVault]:
-    vault = KeyVault(engine, kms)
+def vault(engine: Engine, request: pytest.FixtureRequest) -> Iterator[KeyVault]:
+    """A vault with a local master key; with the ``aws_kms`` marker, one whose master
+    key is in the KMS server (for tests about KMS)."""
+    provider: AwsKms | LocalKms
+    if request.node.get_closest_marker("aws_kms") is not None:
+        provider = request.getfixturevalue("kms")
+    else:
+        provider = LocalKms(os.urandom(32))
+    vault = KeyVault(engine, provider)
     vault.create_table()
     yield vault
     vault.close()

@@ -60,8 +60,7 @@ from sqlalchemy_kms.errors import (
 )
 from sqlalchemy_kms.lifecycle import plaintext_to_binary_ddl
 
-from .conftest import kms_client
-from .helpers import key_rows
+from .helpers import key_rows, kms_client
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "migrations_example"
 EXAMPLE_ENV = (

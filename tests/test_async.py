@@ -47,7 +47,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqlalchemy_kms import AwsKms, KeyVault, KMSEncrypted, LocalKms
 
-from .conftest import DATABASES, database_url, drop_new_tables
+from .helpers import DATABASES, database_url, drop_new_tables
 
 T = TypeVar("T")
 

@@ -393,6 +393,7 @@ def case_strategy(lab: Lab) -> st.SearchStrategy[Case]:
     return cases(lab)
 
 
+@pytest.mark.slow
 def test_every_stored_value_decrypts_right_or_fails_cleanly(
     lab: Lab, case_strategy: st.SearchStrategy[Case]
 ) -> None:
@@ -410,6 +411,7 @@ def test_every_stored_value_decrypts_right_or_fails_cleanly(
     property_()
 
 
+@pytest.mark.slow
 def test_through_real_statements(lab: Lab, case_strategy: st.SearchStrategy[Case]) -> None:
     """The same property end to end: the stored bytes are written with raw SQL and
     read back with an ordinary ``SELECT`` of the encrypted column."""

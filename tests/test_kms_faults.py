@@ -33,7 +33,7 @@ from sqlalchemy_kms.errors import (
     SQLAlchemyKMSError,
 )
 
-from .conftest import REGION
+from .helpers import REGION
 
 ERRORS = [
     ("AccessDeniedException", KMSAccessDeniedError),

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from sqlalchemy_kms import AwsKms, KeyVault, KMSEncrypted
 
-from .conftest import DATABASES, REGION, CallCounter
+from .helpers import DATABASES, REGION, CallCounter
 
 PROCESSES = 8
 ROUNDS = 6
@@ -266,6 +266,7 @@ def versions_in_use(engine: Engine) -> Counter[tuple[str, int, int]]:
         if db in DATABASES
     ],
 )
+@pytest.mark.slow
 def test_eight_processes_first_use_rotation_and_fresh_reader(
     engine: Engine, db_url: str, isolation: str | None, kms_endpoint: str, cmk: dict[str, str]
 ) -> None:

@@ -282,6 +282,7 @@ ROTATE_IN_ANOTHER_PROCESS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.aws_kms
 @pytest.mark.parametrize("how", ["refresh-interval", "miss"])
 def test_search_key_rotated_in_another_process_is_picked_up(
     users: Engine, db_url: str, kms: AwsKms, kms_endpoint: str, cmk: dict[str, str], how: str

@@ -40,7 +40,7 @@ from sqlalchemy_kms.errors import (
 )
 from sqlalchemy_kms.lifecycle import binary_to_plaintext_ddl, plaintext_to_binary_ddl
 
-from .conftest import kms_client
+from .helpers import kms_client
 
 
 def people(metadata: MetaData, name: str = "people") -> Table:
@@ -189,6 +189,7 @@ def test_export_and_import_keys(engine: Engine, vault: KeyVault, table: Table) -
     assert len(vault.export_keys()["keys"]) == 3
 
 
+@pytest.mark.aws_kms
 def test_rewrap_under_a_new_cmk_survives_the_old_one_being_disabled(
     engine: Engine, db_url: str, kms: AwsKms, kms_endpoint: str, table: Table
 ) -> None:
@@ -275,6 +276,7 @@ KILLABLE_JOB = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_reencryption_killed_at_random_points_resumes_without_loss(
     engine: Engine, db_url: str, db_name: str
 ) -> None:

@@ -37,7 +37,7 @@ from sqlalchemy_kms.errors import (
     UnknownKeyVersionError,
 )
 
-from .conftest import kms_client
+from .helpers import kms_client
 from .models import people_tables
 
 
@@ -53,6 +53,7 @@ def key_rows(engine: Engine) -> list[Any]:
         )
 
 
+@pytest.mark.aws_kms
 def test_wrapped_key_unwraps_with_plain_boto3_and_decrypts_the_column(
     engine: Engine, vault: KeyVault, kms_endpoint: str, cmk: dict[str, str]
 ) -> None:
@@ -171,6 +172,7 @@ def _race_for_first_key(url: str, endpoint: str, alias: str, barrier: Any, out: 
     out.put(version)
 
 
+@pytest.mark.aws_kms
 def test_two_processes_racing_for_the_first_key_both_succeed_with_one_key(
     engine: Engine, db_url: str, vault: KeyVault, kms_endpoint: str, cmk: dict[str, str]
 ) -> None:

@@ -1,0 +1,271 @@
+"""What an encrypted column answers in SQL: equality on deterministic columns, nothing else.
+
+:class:`EncryptedComparator` is the ``comparator_factory`` of
+:class:`~sqlalchemy_kms.KMSEncrypted`. It lets through what encryption can
+answer (``IS NULL`` tests; on deterministic columns ``==``, ``!=``,
+``in_()`` and ``not_in()`` with Python values) and refuses everything else
+with :class:`~sqlalchemy_kms.errors.UnsupportedQueryError` when the
+expression is built. Equality becomes ``IN (...)`` over a fixed number of
+parameters, one per enabled search key version, filled by
+:class:`SearchTerm` when the statement runs, so a cached statement stays
+right after a rotation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sqlalchemy import bindparam
+from sqlalchemy import types as sqltypes
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BinaryExpression, ClauseList, ColumnElement, Grouping
+
+from ._format import column_aad
+from ._keytable import KeySeries
+from .errors import SQLAlchemyKMSError, UnsupportedQueryError
+
+__all__ = ["SEARCH_SLOTS", "Binding", "EncryptedComparator", "SearchTerm", "with_context"]
+
+#: The attribute of an engine's dialect that holds its vault.
+VAULT_ATTR = "_sqlalchemy_kms_vault"
+
+
+#: Key versions of one search key an equality query can match at once. Each
+#: ``==``/``in_()`` on a deterministic column binds this many values per
+#: operand, one for each enabled search key version (unused ones match nothing).
+SEARCH_SLOTS = 4
+
+_EQUALITY = {operators.eq: False, operators.ne: True}
+_MEMBERSHIP = {operators.in_op: False, operators.not_in_op: True}
+_NULL_TESTS = {operators.is_, operators.is_not}
+_NEVER_STORED = b""  # no stored value is empty: matches nothing, even under NOT IN
+_BOOLEAN = sqltypes.Boolean()
+
+_RANDOMIZED_HINT = (
+    "Only IS NULL / IS NOT NULL work on a randomized column; for equality use "
+    "KMSEncrypted(..., deterministic=True). Ranges, patterns and ordering cannot work on "
+    "encrypted columns."
+)
+_DETERMINISTIC_HINT = (
+    "Deterministic columns support ==, !=, in_(), not_in(), is_(None) and is_not(None) with "
+    "Python values. Ranges, patterns, ordering and comparisons with other columns cannot work "
+    "on encrypted columns."
+)
+
+
+_COLUMN_COMPARISON_HINT = (
+    "An encrypted column can be compared only with Python values: each column has its own "
+    "key, so it cannot be joined or compared with another column."
+)
+
+
+def _is_sql_expression(value: Any) -> bool:
+    return isinstance(value, (ColumnElement, operators.ColumnOperators)) or hasattr(
+        value, "__clause_element__"
+    )
+
+
+class _ColumnComparison(BinaryExpression[Any]):
+    """``encrypted_column == other_expression``: fine as a Python truth test, refused as SQL."""
+
+    inherit_cache = True
+
+
+@compiles(_ColumnComparison)
+def _refuse_column_comparison(element: _ColumnComparison, compiler: Any, **kw: Any) -> str:
+    for side in (element.left, element.right):
+        column_type = getattr(side, "type", None)
+        if isinstance(getattr(column_type, "comparator_factory", None), type) and issubclass(
+            column_type.comparator_factory,
+            EncryptedComparator,  # type: ignore[union-attr]
+        ):
+            binding = column_type._binding
+            raise UnsupportedQueryError(
+                _COLUMN_COMPARISON_HINT,
+                operator=_operator_name(element.operator),
+                table=binding.scope if binding else None,
+                column=binding.column if binding else None,
+            )
+    raise UnsupportedQueryError(_COLUMN_COMPARISON_HINT, operator="eq")
+
+
+def _operator_name(op: Any) -> str:
+    name = str(getattr(op, "__name__", op))
+    return name.removesuffix("_op")
+
+
+class Binding:
+    """Where a column lives: its key scope, name, associated data and key series."""
+
+    __slots__ = ("aad", "column", "scope", "series")
+
+    def __init__(self, scope: str, column: str, deterministic: bool) -> None:
+        self.scope = scope
+        self.column = column
+        self.aad = column_aad(scope, column)
+        self.series = KeySeries(scope, deterministic)
+
+
+def with_context(error: SQLAlchemyKMSError, binding: Binding | None) -> SQLAlchemyKMSError:
+    if binding is not None:
+        error.table = error.table or binding.scope
+        error.column = error.column or binding.column
+        error.args = (error._render(),)
+    return error
+
+
+class EncryptedComparator(sqltypes.TypeDecorator.Comparator[Any]):
+    """Lets through what encryption can answer and refuses the rest when built."""
+
+    __slots__ = ()
+
+    def _refuse(self, op: Any, hint: str | None = None) -> UnsupportedQueryError:
+        column_type: Any = self.type  # type: ignore[assignment]
+        binding = column_type._binding
+        if hint is None:
+            hint = _DETERMINISTIC_HINT if column_type.deterministic else _RANDOMIZED_HINT
+        return UnsupportedQueryError(
+            hint,
+            operator=_operator_name(op),
+            table=binding.scope if binding else None,
+            column=binding.column if binding else getattr(self.expr, "key", None),
+        )
+
+    def operate(self, op: Any, *other: Any, **kwargs: Any) -> ColumnElement[Any]:
+        column_type: Any = self.type  # type: ignore[assignment]
+        if op in _NULL_TESTS or (op in _EQUALITY and other and other[0] is None):
+            return super().operate(op, *other, **kwargs)
+        if op in _EQUALITY and _is_sql_expression(other[0]):
+            # Built, because SQLAlchemy itself compares columns with == (and only
+            # asks the result for truth); refused when compiled into SQL.
+            comparison = super().operate(op, *other, **kwargs)
+            comparison.__class__ = _ColumnComparison
+            return comparison
+        if column_type.deterministic:
+            if op in _EQUALITY:
+                return self._match(op, [other[0]], negate=_EQUALITY[op])
+            if op in _MEMBERSHIP:
+                return self._match(op, other[0], negate=_MEMBERSHIP[op])
+            if op is operators.distinct_op:
+                return super().operate(op, *other, **kwargs)
+        raise self._refuse(op)
+
+    def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> ColumnElement[Any]:
+        raise self._refuse(op)
+
+    def _match(self, op: Any, values: Any, *, negate: bool) -> ColumnElement[Any]:
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise self._refuse(
+                op,
+                "On a deterministic column in_() takes a list of Python values, "
+                "not a subquery or a string.",
+            )
+        values = list(values)
+        if any(_is_sql_expression(value) for value in values):
+            raise self._refuse(op, _COLUMN_COMPARISON_HINT)
+        column_type: Any = self.type  # type: ignore[assignment]
+        term_type = column_type._search_term
+        slots = range(SEARCH_SLOTS + (1 if column_type.accept_plaintext else 0))
+        membership = operators.not_in_op if negate else operators.in_op
+        if op in _EQUALITY:
+            # one value: a fixed list of parameters, so no expansion per execution
+            params = [
+                bindparam(None, (values[0], slot), type_=term_type, unique=True) for slot in slots
+            ]
+            return BinaryExpression(
+                self.expr,
+                Grouping(ClauseList(*params)),
+                membership,
+                negate=operators.in_op if negate else operators.not_in_op,
+                type_=_BOOLEAN,
+            )
+        terms = [(value, slot) for value in values for slot in slots]
+        param = bindparam(None, terms, type_=term_type, expanding=True, unique=True)
+        return super().operate(membership, param)
+
+
+class _PassThroughBinary(sqltypes.LargeBinary):
+    """Binary that hands values to the driver untouched (bytes, or text for a not yet
+    converted SQLite cell)."""
+
+    def bind_processor(self, dialect: Dialect) -> None:
+        return None
+
+
+def _plaintext_form(text: bytes, dialect: Dialect) -> Any:
+    # an unconverted SQLite cell still holds TEXT; server columns hold the text's bytes
+    return text.decode("utf-8") if dialect.name == "sqlite" else text
+
+
+class SearchTerm(sqltypes.TypeDecorator[Any]):
+    """Bind type of an equality operand: ``(value, slot)`` becomes the stored form of
+    ``value`` under the enabled search key number ``slot`` (newest first)."""
+
+    impl = _PassThroughBinary
+    cache_ok = True
+
+    def __init__(self, column_type: Any) -> None:
+        self.column_type = column_type
+        super().__init__()
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any]:
+        complete = self.process_bind_param
+        column_type = self.column_type
+        binding = column_type._binding
+        if binding is None or column_type.normalize is not None:
+            return lambda value: complete(value, dialect)
+        series, scope, column, aad = binding.series, binding.scope, binding.column, binding.aad
+        encode = column_type._codec.encode
+
+        def process(value: Any) -> Any:
+            plain, slot = value
+            vault = getattr(dialect, VAULT_ATTR, None)
+            if plain is not None and vault is not None and slot < SEARCH_SLOTS:
+                keys = vault.keys.fresh(series)
+                ciphers = keys.enabled if keys is not None else None
+                if ciphers is not None and len(ciphers) <= SEARCH_SLOTS:
+                    if slot >= len(ciphers):
+                        return _NEVER_STORED
+                    try:
+                        return ciphers[slot].seal_deterministic(encode(plain), scope, column, aad)
+                    except SQLAlchemyKMSError:
+                        pass  # the complete path raises it with its context
+            return complete(value, dialect)
+
+        return process
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        plain, slot = value
+        if plain is None:
+            return None
+        column_type = self.column_type
+        binding = column_type._binding
+        try:
+            vault = column_type._vault(dialect)
+            assert binding is not None
+            if column_type.normalize is not None:
+                plain = column_type.normalize(plain)
+            ciphers = vault.loader.enabled(binding.series)
+            if len(ciphers) > SEARCH_SLOTS:
+                raise UnsupportedQueryError(
+                    f"{len(ciphers)} search key versions are enabled and equality can match at "
+                    f"most {SEARCH_SLOTS} at once; finish re-encrypting the table and retire "
+                    "old search key versions",
+                    operator="eq",
+                    table=binding.scope,
+                    column=binding.column,
+                )
+            if slot == SEARCH_SLOTS:  # transition mode: the value as plaintext
+                return _plaintext_form(column_type._codec.legacy_text(plain), dialect)
+            if slot >= len(ciphers):
+                return _NEVER_STORED
+            plaintext = column_type._codec.encode(plain)
+            token: bytes = ciphers[slot].seal_deterministic(
+                plaintext, binding.scope, binding.column, binding.aad
+            )
+            return token
+        except SQLAlchemyKMSError as error:
+            raise with_context(error, binding) from None
