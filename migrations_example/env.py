@@ -23,12 +23,12 @@ Settings (environment variables; ``sqlalchemy.url`` in alembic.ini wins over
   to this file, made if missing);
 * ``SQLALCHEMY_KMS_EXAMPLE_REWRAP_KMS``: the second master key revision 0006
   moves every data key to (default: local key file ``example-master-2.key``).
+  The vault gets both, as a :class:`~sqlalchemy_kms.providers.MultiKms`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from logging.config import fileConfig
 from pathlib import Path
 
@@ -38,8 +38,9 @@ from sqlalchemy import create_engine, pool
 
 import sqlalchemy_kms.alembic  # noqa: F401  (registers the op.* operations)
 from sqlalchemy_kms import KeyProvider, KeyVault, LocalKms
-from sqlalchemy_kms.alembic import provider_from_uri, render_item
-from sqlalchemy_kms.providers.base import GeneratedDataKey
+from sqlalchemy_kms.alembic import render_item
+from sqlalchemy_kms.providers import MultiKms
+from sqlalchemy_kms.providers.uri import provider_from_uri
 
 HERE = Path(__file__).resolve().parent
 DATABASE_FILE = HERE / "example.sqlite3"
@@ -63,44 +64,6 @@ def database_url() -> str:
     )
 
 
-class LocalKeyRing(KeyProvider):
-    """Local master keys for development: new data keys are wrapped under the first,
-    and a data key wrapped under any of them unwraps.
-
-    Revision 0006 moves every data key to a second master key and its downgrade
-    leaves them there, so a downgrade below 0006 must still unwrap them. AWS KMS
-    needs no such thing: ``Decrypt`` is asked with the key ARN recorded for each
-    data key, so ``AwsKms`` unwraps keys of any master key the role may use.
-    """
-
-    name = "local"
-
-    def __init__(self, primary: LocalKms, *others: LocalKms) -> None:
-        super().__init__()
-        self.primary = primary
-        self.keys = {key.master_key_id: key for key in (primary, *others)}
-
-    def __repr__(self) -> str:
-        return f"LocalKeyRing({', '.join(self.keys)})"
-
-    @property
-    def master_key_id(self) -> str:
-        return self.primary.master_key_id
-
-    def generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
-        self._count("GenerateDataKey")
-        return self.primary.generate_data_key(context)
-
-    def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
-        self._count("Encrypt")
-        return self.primary.wrap(plaintext, context)
-
-    def unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
-        self._count("Decrypt")
-        key = self.keys.get(master_key_id, self.primary)  # the primary explains a mismatch
-        return key.unwrap(wrapped, context, master_key_id)
-
-
 def local_key(path: Path) -> LocalKms:
     """The local master key in ``path``, made first if there is none (development only)."""
     if not path.exists():
@@ -109,18 +72,21 @@ def local_key(path: Path) -> LocalKms:
 
 
 def kms_provider() -> KeyProvider:
+    """The master keys of the example: the first makes new data keys, and the second
+    (the one revision 0006 moves every data key to) unwraps keys already moved.
+
+    Revision 0006 is not reversed on the way down, so a downgrade below it must
+    still unwrap keys wrapped under the second master key: a ``MultiKms`` holds
+    both and sends each key to the master key the key table records for it.
+    """
     uri = os.environ.get("SQLALCHEMY_KMS_EXAMPLE_KMS")
-    provider = provider_from_uri(uri) if uri else local_key(KEY_FILE)
-    if not isinstance(provider, LocalKms):
-        return provider  # AWS KMS: unwraps under whichever master key a data key names
-    # with local keys, keep the master key of revision 0006 able to unwrap
+    first = provider_from_uri(uri) if uri else local_key(KEY_FILE)
     rewrap_uri = os.environ.get("SQLALCHEMY_KMS_EXAMPLE_REWRAP_KMS")
     if rewrap_uri:
-        second = provider_from_uri(rewrap_uri)
-        return LocalKeyRing(provider, second) if isinstance(second, LocalKms) else provider
-    if REWRAP_KEY_FILE.exists():
-        return LocalKeyRing(provider, LocalKms(key_file=REWRAP_KEY_FILE))
-    return provider
+        return MultiKms(first, provider_from_uri(rewrap_uri))
+    if REWRAP_KEY_FILE.exists():  # made by revision 0006
+        return MultiKms(first, LocalKms(key_file=REWRAP_KEY_FILE))
+    return first
 
 
 def run_migrations_offline() -> None:

@@ -8,7 +8,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -329,6 +329,123 @@ def test_local_calls_counter(local_kms: LocalKms) -> None:
     assert local_kms.calls["Decrypt"] == 2
 
 
+def test_local_owns_only_its_own_master_key(local_kms: LocalKms) -> None:
+    other = LocalKms(os.urandom(32))
+    assert local_kms.owns(local_kms.master_key_id)
+    assert local_kms.owns(local_kms.master_key_id, resolve=True)
+    assert not local_kms.owns(other.master_key_id)
+    assert not local_kms.owns("arn:aws:kms:us-east-1:123456789012:key/" + "0" * 36)
+    assert not local_kms.owns(local_kms.master_key_id.upper())
+    assert not local_kms.owns("local:")
+
+
+# == the base class: public operations count, then call the hooks ===========================
+
+
+class HookOnlyKms(KeyProvider):
+    """A provider that implements only the protected hooks (XOR: shows the calls only)."""
+
+    name = "hook-only"
+
+    def __init__(self, mask: int, fail: bool = False) -> None:
+        super().__init__()
+        self.mask = mask
+        self.fail = fail
+        self.hooks: list[str] = []
+
+    @property
+    def master_key_id(self) -> str:
+        return f"hook-only:{self.mask}"
+
+    def _xor(self, data: bytes) -> bytes:
+        return bytes(b ^ self.mask for b in data)
+
+    def _generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
+        self.hooks.append("generate")
+        plaintext = os.urandom(32)
+        return GeneratedDataKey(plaintext, self._xor(plaintext), self.master_key_id)
+
+    def _unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
+        self.hooks.append("unwrap")
+        if self.fail:
+            raise KMSUnavailableError("down", operation="Decrypt", master_key_id=master_key_id)
+        return self._xor(wrapped)
+
+    def _wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
+        self.hooks.append("wrap")
+        return self._xor(plaintext), self.master_key_id
+
+
+def test_a_provider_with_only_the_hooks_gets_every_call_counted() -> None:
+    source, target = HookOnlyKms(0x11), HookOnlyKms(0x22)
+    made = source.generate_data_key(CONTEXT)
+    assert source.unwrap(made.wrapped, CONTEXT, made.master_key_id) == made.plaintext
+    wrapped, master_key_id = target.wrap(made.plaintext, CONTEXT)
+    assert master_key_id == target.master_key_id
+    assert target.unwrap(wrapped, CONTEXT, master_key_id) == made.plaintext
+    rewrapped, _ = target.rewrap_from(source, made.wrapped, CONTEXT, made.master_key_id)
+    assert rewrapped == wrapped
+    assert source.calls == {"GenerateDataKey": 1, "Decrypt": 2}
+    # no ReEncrypt hook: the generic rewrap is the source's Decrypt and the target's Encrypt
+    assert target.calls == {"Encrypt": 2, "Decrypt": 1}
+    assert source.hooks == ["generate", "unwrap", "unwrap"]
+    assert target.hooks == ["wrap", "unwrap", "wrap"]
+
+
+def test_a_failing_call_is_counted_too() -> None:
+    provider = HookOnlyKms(0x33, fail=True)
+    with pytest.raises(KMSUnavailableError):
+        provider.unwrap(b"x" * 32, CONTEXT, provider.master_key_id)
+    assert provider.calls == {"Decrypt": 1}
+
+
+def test_a_provider_missing_a_hook_cannot_be_made() -> None:
+    class NoUnwrap(KeyProvider):
+        master_key_id = "no-unwrap"
+
+        def _generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
+            raise NotImplementedError
+
+        def _wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
+            raise NotImplementedError
+
+    with pytest.raises(TypeError, match="_unwrap"):
+        NoUnwrap()  # type: ignore[abstract]
+
+
+def test_a_provider_that_rewraps_inside_its_kms_counts_reencrypt() -> None:
+    class ReEncrypting(HookOnlyKms):
+        def _rewraps_from(self, source: KeyProvider) -> bool:
+            return isinstance(source, HookOnlyKms)
+
+        def _rewrap_from(
+            self,
+            source: KeyProvider,
+            wrapped: bytes,
+            context: Mapping[str, str],
+            source_master_key_id: str,
+        ) -> tuple[bytes, str]:
+            assert isinstance(source, HookOnlyKms)
+            self.hooks.append("rewrap")
+            return bytes(b ^ source.mask ^ self.mask for b in wrapped), self.master_key_id
+
+    source, target = HookOnlyKms(0x11), ReEncrypting(0x44)
+    made = source.generate_data_key(CONTEXT)
+    rewrapped, _ = target.rewrap_from(source, made.wrapped, CONTEXT, made.master_key_id)
+    assert target.unwrap(rewrapped, CONTEXT, target.master_key_id) == made.plaintext
+    assert target.calls == {"ReEncrypt": 1, "Decrypt": 1}
+    assert source.calls == {"GenerateDataKey": 1}  # the data key never left the "KMS"
+    assert target.hooks == ["rewrap", "unwrap"]
+
+
+def test_the_base_owns_only_the_master_key_id() -> None:
+    provider = HookOnlyKms(0x55)
+    assert provider.owns("hook-only:85")
+    assert not provider.owns("hook-only:86")
+    assert not provider.owns("local:" + "0" * 16)
+    assert provider.provider_for("anything") is provider  # a single provider is asked for all
+
+
 # == AwsKms (moto server over HTTP) =======================================================
 
 
@@ -426,6 +543,79 @@ def test_aws_requires_a_key_id() -> None:
 def test_aws_repr(kms: AwsKms, cmk: dict[str, str]) -> None:
     assert cmk["alias"] in repr(kms)
     assert kms.master_key_id == cmk["alias"]
+
+
+# -- owns: this key only -----------------------------------------------------------------
+
+
+def second_cmk(endpoint: str) -> dict[str, str]:
+    """Another master key on the moto server, with an alias of its own."""
+    client = kms_client(endpoint)
+    metadata = client.create_key(Description="sqlalchemy-kms tests, second key")["KeyMetadata"]
+    alias = f"alias/sqlalchemy-kms-second-{metadata['KeyId'][:8]}"
+    client.create_alias(AliasName=alias, TargetKeyId=metadata["KeyId"])
+    return {"key_id": metadata["KeyId"], "arn": metadata["Arn"], "alias": alias}
+
+
+def test_aws_does_not_own_other_providers_ids_nor_other_keys(
+    kms: AwsKms, kms_endpoint: str, cmk: dict[str, str]
+) -> None:
+    other = second_cmk(kms_endpoint)
+    local_id = LocalKms(os.urandom(32)).master_key_id
+    assert not kms.owns(local_id)
+    assert not kms.owns(local_id, resolve=True)
+    assert not kms.owns("hook-only:1", resolve=True)
+    assert kms.counter.calls == {}  # type: ignore[attr-defined]  # no KMS call for those
+    assert not kms.owns(other["arn"])
+    assert not kms.owns(other["alias"], resolve=True)
+    assert not kms.owns(other["arn"], resolve=True)
+    assert kms.owns(cmk["alias"])
+    assert kms.owns(cmk["arn"], resolve=True)
+
+
+def test_aws_owns_its_key_arn_once_known(kms: AwsKms, cmk: dict[str, str]) -> None:
+    """The ARN behind an alias: not known to a fresh provider without a KMS call; asked for
+    once with ``resolve=True``; learned from what KMS reports back."""
+    calls = kms.counter.calls  # type: ignore[attr-defined]
+    assert not kms.owns(cmk["arn"])
+    assert calls == {}
+    assert kms.owns(cmk["arn"], resolve=True)
+    assert kms.owns(cmk["arn"], resolve=True) and kms.owns(cmk["arn"])
+    assert calls == {"DescribeKey": 1}
+    assert kms.calls == {"DescribeKey": 1}
+
+
+def test_aws_learns_its_key_arn_from_generate_data_key(
+    kms_endpoint: str, cmk: dict[str, str]
+) -> None:
+    provider = AwsKms(cmk["alias"], client=kms_client(kms_endpoint))
+    provider.generate_data_key(CONTEXT)
+    assert provider.owns(cmk["arn"])
+    assert provider.calls == {"GenerateDataKey": 1}
+
+
+def test_aws_configured_by_key_arn_needs_no_describe_key(
+    kms_endpoint: str, cmk: dict[str, str]
+) -> None:
+    other = second_cmk(kms_endpoint)
+    provider = AwsKms(cmk["arn"], client=kms_client(kms_endpoint))
+    assert provider.owns(cmk["arn"])
+    assert not provider.owns(other["arn"], resolve=True)
+    assert provider.calls == {}
+
+
+def test_aws_rewrap_from_aws_is_reencrypt(
+    kms: AwsKms, kms_endpoint: str, cmk: dict[str, str]
+) -> None:
+    other = second_cmk(kms_endpoint)
+    target = AwsKms(other["alias"], client=kms_client(kms_endpoint))
+    made = kms.generate_data_key(CONTEXT)
+    wrapped, master_key_id = target.rewrap_from(kms, made.wrapped, CONTEXT, made.master_key_id)
+    assert master_key_id == other["arn"]
+    assert target.owns(other["arn"])  # learned from ReEncrypt's answer
+    assert target.calls == {"ReEncrypt": 1}
+    assert kms.calls == {"GenerateDataKey": 1}  # no Decrypt: the key stayed in KMS
+    assert target.unwrap(wrapped, CONTEXT, master_key_id) == made.plaintext
 
 
 # -- building the client ---------------------------------------------------------------------

@@ -12,6 +12,12 @@ stored in the key table is exactly KMS's ``CiphertextBlob``, so anyone with
 A key policy can restrict a role to some tables with a condition such as
 ``"StringEquals": {"kms:EncryptionContext:table": "patients"}``.
 
+An ``AwsKms`` :meth:`~AwsKms.owns` its own master key only: the ``key_id``
+it was given and the key ARN behind it. Unwrapping still names the master
+key the key table records, so one ``AwsKms`` reads keys of any master key
+its role may use; to route keys of several master keys on purpose, hold them
+in a :class:`~sqlalchemy_kms.providers.multi.MultiKms`.
+
 Example::
 
     kms = AwsKms("alias/demo_cmk")                      # boto3's usual configuration
@@ -25,6 +31,8 @@ profiles, ``AWS_ENDPOINT_URL_KMS``), with bounded timeouts and botocore's
 
 from __future__ import annotations
 
+import re
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +60,9 @@ if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
 
 __all__ = ["AwsKms"]
+
+#: A KMS key ARN (not an alias ARN): ``arn:PARTITION:kms:REGION:ACCOUNT:key/KEY-ID``.
+_KEY_ARN = re.compile(r"arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[A-Za-z0-9-]+")
 
 _ERRORS: dict[str, type[KMSError]] = {
     "AccessDeniedException": KMSAccessDeniedError,
@@ -105,12 +116,16 @@ class AwsKms(KeyProvider):
             client = session.client("kms", endpoint_url=endpoint_url, config=config)
         self.client: KMSClient = client
         self._resolved: str | None = None
+        self._arns: set[str] = set()  # ARNs of our own key, as KMS reported them
+        self._lock = threading.Lock()
+        self._resolving = threading.Lock()
 
     def __repr__(self) -> str:
         return f"AwsKms({self._key_id!r})"
 
     @property
     def master_key_id(self) -> str:
+        """The ``key_id`` as configured (key id, key ARN, alias name or alias ARN)."""
         return self._key_id
 
     def _error(
@@ -133,8 +148,45 @@ class AwsKms(KeyProvider):
             master_key_id=master_key_id,
         )
 
-    def generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
-        self._count("GenerateDataKey")
+    def _remember(self, arn: str) -> str:
+        """Note ``arn`` as an id of this provider's own master key (KMS reported it)."""
+        with self._lock:
+            self._arns.add(arn)
+        return arn
+
+    def owns(self, master_key_id: str, *, resolve: bool = False) -> bool:
+        """Whether ``master_key_id`` names this provider's master key.
+
+        True for the configured ``key_id`` and for the key ARN behind it once
+        known: reported back by KMS from this provider's calls, or learned by
+        :meth:`resolved_master_key_id`. With ``resolve=True`` and a key ARN
+        that nothing else decides, that ARN is asked for (``DescribeKey``,
+        once per provider); by default ``owns`` never calls KMS, so a role
+        that may only decrypt needs no ``kms:DescribeKey``. False for anything
+        else: another key's ARN, another provider's id.
+        """
+        if master_key_id == self._key_id:
+            return True
+        with self._lock:
+            if master_key_id in self._arns:
+                return True
+        if not resolve or not _KEY_ARN.fullmatch(master_key_id) or _KEY_ARN.fullmatch(self._key_id):
+            return False  # not asked to resolve, not a key ARN, or ours is one and differs
+        return master_key_id == self.resolved_master_key_id()
+
+    def resolved_master_key_id(self) -> str:
+        """The key ARN behind ``key_id`` (``DescribeKey``, asked once)."""
+        with self._resolving:
+            if self._resolved is None:
+                self._count("DescribeKey")
+                try:
+                    response: Any = self.client.describe_key(KeyId=self._key_id)
+                except (ClientError, BotoCoreError) as exc:
+                    raise self._error(exc, "DescribeKey", {}, self._key_id) from exc
+                self._resolved = self._remember(str(response["KeyMetadata"]["Arn"]))
+            return self._resolved
+
+    def _generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
         try:
             response: Any = self.client.generate_data_key(
                 KeyId=self._key_id, KeySpec="AES_256", EncryptionContext=dict(context)
@@ -142,46 +194,31 @@ class AwsKms(KeyProvider):
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "GenerateDataKey", context, self._key_id) from exc
         return GeneratedDataKey(
-            bytes(response["Plaintext"]), bytes(response["CiphertextBlob"]), response["KeyId"]
+            bytes(response["Plaintext"]),
+            bytes(response["CiphertextBlob"]),
+            self._remember(str(response["KeyId"])),
         )
 
-    def owns(self, master_key_id: str) -> bool:
-        """Any AWS KMS key: KMS itself decides whether this client may use it."""
-        return not master_key_id.startswith("local:")
-
-    def resolved_master_key_id(self) -> str:
-        """The key ARN behind ``key_id`` (``DescribeKey``, asked once)."""
-        if self._resolved is None:
-            context: dict[str, str] = {}
-            self._count("DescribeKey")
-            try:
-                response: Any = self.client.describe_key(KeyId=self._key_id)
-            except (ClientError, BotoCoreError) as exc:
-                raise self._error(exc, "DescribeKey", context, self._key_id) from exc
-            self._resolved = str(response["KeyMetadata"]["Arn"])
-        return self._resolved
-
-    def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
-        self._count("Encrypt")
+    def _wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
         try:
             response: Any = self.client.encrypt(
                 KeyId=self._key_id, Plaintext=plaintext, EncryptionContext=dict(context)
             )
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "Encrypt", context, self._key_id) from exc
-        return bytes(response["CiphertextBlob"]), str(response["KeyId"])
+        return bytes(response["CiphertextBlob"]), self._remember(str(response["KeyId"]))
 
-    def rewrap_from(
+    def _rewraps_from(self, source: KeyProvider) -> bool:
+        """From another AWS KMS key: ``ReEncrypt``, and the data key never leaves KMS."""
+        return isinstance(source, AwsKms)
+
+    def _rewrap_from(
         self,
         source: KeyProvider,
         wrapped: bytes,
         context: Mapping[str, str],
         source_master_key_id: str,
     ) -> tuple[bytes, str]:
-        """With an AWS KMS source, ``ReEncrypt``: the data key never leaves KMS."""
-        if not isinstance(source, AwsKms):
-            return super().rewrap_from(source, wrapped, context, source_master_key_id)
-        self._count("ReEncrypt")
         try:
             response: Any = self.client.re_encrypt(
                 CiphertextBlob=wrapped,
@@ -192,10 +229,11 @@ class AwsKms(KeyProvider):
             )
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "ReEncrypt", context, source_master_key_id) from exc
-        return bytes(response["CiphertextBlob"]), str(response["KeyId"])
+        return bytes(response["CiphertextBlob"]), self._remember(str(response["KeyId"]))
 
-    def unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
-        self._count("Decrypt")
+    def _unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
+        # Decrypt names the key the table records, which may be another master key
+        # (the vault asks its one provider for every key, and KMS decides).
         try:
             response: Any = self.client.decrypt(
                 CiphertextBlob=wrapped, KeyId=master_key_id, EncryptionContext=dict(context)

@@ -1,4 +1,4 @@
-"""The interface every key provider implements.
+"""The interface every key provider implements, and the call counting they all share.
 
 A provider wraps and unwraps data keys with a master key it never reveals.
 The vault calls it once per table and key version, never per value. Each
@@ -10,8 +10,7 @@ key policies can test them). sqlalchemy-kms always sends::
 
 and, for the search keys of deterministic columns, ``"purpose": "search"`` too.
 
-Writing a provider means implementing :meth:`KeyProvider.generate_data_key`
-and :meth:`KeyProvider.unwrap`. Example of a use::
+Example of a use::
 
     >>> from sqlalchemy_kms import LocalKms
     >>> provider = LocalKms(bytes(32))
@@ -21,6 +20,37 @@ and :meth:`KeyProvider.unwrap`. Example of a use::
     True
     >>> key
     <GeneratedDataKey master_key_id='local:...' wrapped=... bytes>
+    >>> dict(provider.calls)
+    {'GenerateDataKey': 1, 'Decrypt': 1}
+
+Writing a provider means implementing the protected hooks
+:meth:`~KeyProvider._generate_data_key`, :meth:`~KeyProvider._unwrap` and
+:meth:`~KeyProvider._wrap` (and :attr:`~KeyProvider.master_key_id`). The
+public methods of the same names are template methods: they count the call
+in :attr:`KeyProvider.calls` and then call the hook, so every provider counts
+the same way. A provider that can re-wrap a key without it leaving the KMS
+(AWS KMS ``ReEncrypt``) also overrides :meth:`~KeyProvider._rewraps_from` and
+:meth:`~KeyProvider._rewrap_from`. A provider answers :meth:`~KeyProvider.owns`
+for its own master key only, never by the look of other providers' ids::
+
+    >>> import os
+    >>> from sqlalchemy_kms.providers.base import GeneratedDataKey, KeyProvider
+    >>> class XorKms(KeyProvider):     # a toy: shows the hooks, protects nothing
+    ...     name = "xor"
+    ...     master_key_id = "xor:1"
+    ...     def _generate_data_key(self, context):
+    ...         plaintext = os.urandom(32)
+    ...         return GeneratedDataKey(plaintext, self._wrap(plaintext, context)[0], "xor:1")
+    ...     def _wrap(self, plaintext, context):
+    ...         return bytes(b ^ 0x5A for b in plaintext), "xor:1"
+    ...     def _unwrap(self, wrapped, context, master_key_id):
+    ...         return bytes(b ^ 0x5A for b in wrapped)
+    >>> toy = XorKms()
+    >>> made = toy.generate_data_key({"table": "t", "key_version": "1"})
+    >>> toy.unwrap(made.wrapped, {"table": "t", "key_version": "1"}, "xor:1") == made.plaintext
+    True
+    >>> dict(toy.calls), toy.owns("xor:1"), toy.owns("local:00")
+    ({'GenerateDataKey': 1, 'Decrypt': 1}, True, False)
 """
 
 from __future__ import annotations
@@ -29,6 +59,7 @@ import abc
 import threading
 from collections import Counter
 from collections.abc import Mapping
+from typing import final
 
 __all__ = ["GeneratedDataKey", "KeyProvider", "encryption_context"]
 
@@ -70,8 +101,14 @@ class GeneratedDataKey:
 class KeyProvider(abc.ABC):
     """A master key that wraps and unwraps data keys.
 
-    ``calls`` counts the provider calls made, by operation name
-    (``"GenerateDataKey"``, ``"Decrypt"``), for metrics and tests.
+    ``calls`` counts the calls made to this provider, by operation name
+    (``"GenerateDataKey"``, ``"Decrypt"``, ``"Encrypt"``, ``"ReEncrypt"``,
+    and for AWS KMS ``"DescribeKey"``), for metrics and tests. A call is
+    counted when it is made, whether it then succeeds or fails.
+
+    Subclasses implement the protected hooks (``_generate_data_key``,
+    ``_unwrap``, ``_wrap``), never the public methods, which count the call
+    and then call the hook.
     """
 
     #: Short name stored in the key table's ``provider`` column.
@@ -90,26 +127,37 @@ class KeyProvider(abc.ABC):
     def master_key_id(self) -> str:
         """The master key new data keys are wrapped under, as configured."""
 
-    @abc.abstractmethod
+    # -- the public operations: count, then call the hook --------------------------------
+
+    @final
     def generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
-        """Make a new 256-bit data key wrapped under the master key, bound to ``context``."""
+        """Make a new 256-bit data key wrapped under the master key, bound to ``context``.
 
-    @abc.abstractmethod
+        Counted as ``"GenerateDataKey"``.
+        """
+        self._count("GenerateDataKey")
+        return self._generate_data_key(context)
+
+    @final
     def unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
-        """Return the plaintext of a wrapped data key made under ``master_key_id``."""
+        """Return the plaintext of a data key wrapped under ``master_key_id``.
 
-    @abc.abstractmethod
+        ``master_key_id`` is the one the key table records for the key.
+        Counted as ``"Decrypt"``.
+        """
+        self._count("Decrypt")
+        return self._unwrap(wrapped, context, master_key_id)
+
+    @final
     def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
-        """Wrap an existing data key under the master key: ``(wrapped, master_key_id)``."""
+        """Wrap an existing data key under the master key: ``(wrapped, master_key_id)``.
 
-    def owns(self, master_key_id: str) -> bool:
-        """Whether this provider can unwrap keys wrapped under ``master_key_id``."""
-        return master_key_id == self.master_key_id
+        Counted as ``"Encrypt"``.
+        """
+        self._count("Encrypt")
+        return self._wrap(plaintext, context)
 
-    def resolved_master_key_id(self) -> str:
-        """The master key id as the key table records it (AWS KMS: the key ARN)."""
-        return self.master_key_id
-
+    @final
     def rewrap_from(
         self,
         source: KeyProvider,
@@ -119,9 +167,80 @@ class KeyProvider(abc.ABC):
     ) -> tuple[bytes, str]:
         """Re-wrap a key wrapped by ``source`` under this provider's master key.
 
-        The generic way unwraps with ``source`` and wraps with this provider,
-        so the data key passes through this process's memory; providers that
-        can do better (AWS KMS ``ReEncrypt``) override it.
+        Returns ``(wrapped, master_key_id)``. When this provider can re-wrap
+        from ``source`` inside the KMS (AWS KMS to AWS KMS: ``ReEncrypt``), the
+        data key never leaves the KMS and the call is counted as
+        ``"ReEncrypt"``. Otherwise ``source`` unwraps it (``"Decrypt"``,
+        counted by ``source``) and this provider wraps it (``"Encrypt"``), so
+        the data key passes through this process's memory. A composite
+        ``source`` (:class:`~sqlalchemy_kms.providers.multi.MultiKms`) is
+        first narrowed to its member that holds ``source_master_key_id``.
         """
+        source = source.provider_for(source_master_key_id)
+        if self._rewraps_from(source):
+            self._count("ReEncrypt")
+            return self._rewrap_from(source, wrapped, context, source_master_key_id)
         plaintext = source.unwrap(wrapped, context, source_master_key_id)
         return self.wrap(plaintext, context)
+
+    # -- the hooks a provider implements -----------------------------------------------------
+
+    @abc.abstractmethod
+    def _generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
+        """Hook of :meth:`generate_data_key`: make and wrap a new 256-bit data key."""
+
+    @abc.abstractmethod
+    def _unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
+        """Hook of :meth:`unwrap`: the plaintext of a wrapped data key.
+
+        Raise a :class:`~sqlalchemy_kms.errors.KMSError` subclass on failure,
+        never an error that shows key bytes.
+        """
+
+    @abc.abstractmethod
+    def _wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
+        """Hook of :meth:`wrap`: ``(wrapped, master_key_id)`` for an existing data key."""
+
+    def _rewraps_from(self, source: KeyProvider) -> bool:
+        """Whether :meth:`_rewrap_from` can re-wrap keys of ``source`` (a single
+        provider) without them leaving the KMS. By default no."""
+        return False
+
+    def _rewrap_from(
+        self,
+        source: KeyProvider,
+        wrapped: bytes,
+        context: Mapping[str, str],
+        source_master_key_id: str,
+    ) -> tuple[bytes, str]:
+        """Hook of :meth:`rewrap_from`, called only when :meth:`_rewraps_from` is true."""
+        raise NotImplementedError(f"{type(self).__name__} cannot re-wrap inside the KMS")
+
+    # -- which master keys this provider answers for -----------------------------------------
+
+    def owns(self, master_key_id: str, *, resolve: bool = False) -> bool:
+        """Whether ``master_key_id`` names this provider's own master key.
+
+        A provider answers for its own master key only, and never by the form
+        of an id (it does not know other providers' id formats). By default the
+        answer comes from what the provider already knows, without a KMS call;
+        with ``resolve=True`` a provider whose key has other names (AWS KMS: an
+        alias and the key ARN behind it) may ask the KMS once to learn them.
+        Here: the id equals :attr:`master_key_id`.
+        """
+        return master_key_id == self.master_key_id
+
+    def provider_for(self, master_key_id: str) -> KeyProvider:
+        """The provider that unwraps keys wrapped under ``master_key_id``.
+
+        A single provider is its own answer: it is asked for every key, and
+        its KMS decides (AWS KMS unwraps under any master key the caller may
+        use; :class:`~sqlalchemy_kms.LocalKms` explains a mismatch). A
+        :class:`~sqlalchemy_kms.providers.multi.MultiKms` answers with the
+        member that :meth:`owns` the id.
+        """
+        return self
+
+    def resolved_master_key_id(self) -> str:
+        """The master key id as the key table records it (AWS KMS: the key ARN)."""
+        return self.master_key_id

@@ -105,24 +105,25 @@ class LocalKms(KeyProvider):
 
     @property
     def master_key_id(self) -> str:
+        """``local:`` and 16 hex digits: a fingerprint of the key, never the key.
+
+        :meth:`owns` is true for this id only.
+        """
         return "local:" + self._id.hex()
 
-    def generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
-        self._count("GenerateDataKey")
+    def _generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
         plaintext = os.urandom(32)
-        return GeneratedDataKey(plaintext, self._wrap(plaintext, context), self.master_key_id)
+        return GeneratedDataKey(plaintext, self._seal(plaintext, context), self.master_key_id)
 
-    def _wrap(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
+    def _seal(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
         nonce = os.urandom(_NONCE_SIZE)
         sealed = self._aead.encrypt(nonce, plaintext, _context_aad(context))
         return bytes([_WRAP_VERSION]) + self._id + nonce + sealed
 
-    def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
-        self._count("Encrypt")
-        return self._wrap(plaintext, context), self.master_key_id
+    def _wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
+        return self._seal(plaintext, context), self.master_key_id
 
-    def unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
-        self._count("Decrypt")
+    def _unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
         table = context.get("table")
         version = int(context["key_version"]) if "key_version" in context else None
         if len(wrapped) < 1 + _ID_SIZE + _NONCE_SIZE + 16 or wrapped[0] != _WRAP_VERSION:
