@@ -14,7 +14,7 @@ from sqlalchemy_kms import AwsKms, KeyVault, KMSEncrypted, LocalKms
 from sqlalchemy_kms.errors import ConfigurationError, KMSError
 from sqlalchemy_kms.providers import KeyProvider, MultiKms, base, local, multi, uri
 
-from .conftest import kms_client
+from .helpers import kms_client
 
 CONTEXT = {"table": "patients", "key_version": "1"}
 

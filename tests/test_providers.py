@@ -31,7 +31,7 @@ from sqlalchemy_kms.errors import (
 from sqlalchemy_kms.providers import GeneratedDataKey, KeyProvider
 from sqlalchemy_kms.providers.base import encryption_context
 
-from .conftest import REGION, kms_client
+from .helpers import REGION, kms_client
 
 CONTEXT = {"table": "patients", "key_version": "1"}
 
