@@ -215,9 +215,11 @@ class KeyLoader:
             return cipher
         shared = self.connections.shared()
         if shared is not None:
-            cipher = self.connections.pending_items(shared).get((series, version))
-            if cipher is not None:
-                return cipher
+            pending: DataKeyCipher | None = self.connections.pending_items(shared).get(
+                (series, version)
+            )
+            if pending is not None:
+                return pending
 
         def load() -> DataKeyCipher:
             with self.connections.reading() as conn:

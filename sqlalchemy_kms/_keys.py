@@ -262,8 +262,8 @@ class KeyStore:
             self.fresh_until = min([self.cache.oldest_expiry(), *self._refresh.values()])
 
     def _evicted(self, key: Hashable, cipher: DataKeyCipher) -> None:
-        scope, purpose, _version = key  # type: ignore[misc]
-        series = KeySeries.of(scope, purpose)
+        entry: tuple[str, str, int] = key  # type: ignore[assignment]
+        series = KeySeries.of(entry[0], entry[1])
         with self._guard:
             keys = self._tables.get(series)
             if keys is not None:

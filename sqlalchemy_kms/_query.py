@@ -5,10 +5,17 @@
 answer (``IS NULL`` tests; on deterministic columns ``==``, ``!=``,
 ``in_()`` and ``not_in()`` with Python values) and refuses everything else
 with :class:`~sqlalchemy_kms.errors.UnsupportedQueryError` when the
-expression is built. Equality becomes ``IN (...)`` over a fixed number of
-parameters, one per enabled search key version, filled by
-:class:`SearchTerm` when the statement runs, so a cached statement stays
-right after a rotation.
+expression is built.
+
+Equality on a deterministic column has to match the value under every
+enabled search key version, and a cached statement must stay right after a
+rotation. ``col == v`` is therefore one bound parameter (one element of the
+statement's cache key) that the SQL renders once per possible key version:
+``col IN (:v_1, :v_2, :v_3, :v_4)``. Each rendering has its own
+:class:`SearchTerm` type, which fills it when the statement runs with ``v``
+under the enabled search key of its slot, newest first (a slot with no key
+matches nothing). The SQL is fixed, so no list is expanded per execution.
+``in_()`` binds one expanding list of ``(value, slot)`` pairs.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import BinaryExpression, ClauseList, ColumnElement, Grouping
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from ._format import column_aad
 from ._keytable import KeySeries
@@ -77,11 +85,9 @@ class _ColumnComparison(BinaryExpression[Any]):
 @compiles(_ColumnComparison)
 def _refuse_column_comparison(element: _ColumnComparison, compiler: Any, **kw: Any) -> str:
     for side in (element.left, element.right):
-        column_type = getattr(side, "type", None)
-        if isinstance(getattr(column_type, "comparator_factory", None), type) and issubclass(
-            column_type.comparator_factory,
-            EncryptedComparator,  # type: ignore[union-attr]
-        ):
+        column_type: Any = getattr(side, "type", None)
+        factory = getattr(column_type, "comparator_factory", None)
+        if isinstance(factory, type) and issubclass(factory, EncryptedComparator):
             binding = column_type._binding
             raise UnsupportedQueryError(
                 _COLUMN_COMPARISON_HINT,
@@ -123,7 +129,7 @@ class EncryptedComparator(sqltypes.TypeDecorator.Comparator[Any]):
     __slots__ = ()
 
     def _refuse(self, op: Any, hint: str | None = None) -> UnsupportedQueryError:
-        column_type: Any = self.type  # type: ignore[assignment]
+        column_type: Any = self.type
         binding = column_type._binding
         if hint is None:
             hint = _DETERMINISTIC_HINT if column_type.deterministic else _RANDOMIZED_HINT
@@ -135,7 +141,7 @@ class EncryptedComparator(sqltypes.TypeDecorator.Comparator[Any]):
         )
 
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> ColumnElement[Any]:
-        column_type: Any = self.type  # type: ignore[assignment]
+        column_type: Any = self.type
         if op in _NULL_TESTS or (op in _EQUALITY and other and other[0] is None):
             return super().operate(op, *other, **kwargs)
         if op in _EQUALITY and _is_sql_expression(other[0]):
@@ -166,25 +172,61 @@ class EncryptedComparator(sqltypes.TypeDecorator.Comparator[Any]):
         values = list(values)
         if any(_is_sql_expression(value) for value in values):
             raise self._refuse(op, _COLUMN_COMPARISON_HINT)
-        column_type: Any = self.type  # type: ignore[assignment]
+        column_type: Any = self.type
         term_type = column_type._search_term
-        slots = range(SEARCH_SLOTS + (1 if column_type.accept_plaintext else 0))
-        membership = operators.not_in_op if negate else operators.in_op
         if op in _EQUALITY:
-            # one value: a fixed list of parameters, so no expansion per execution
-            params = [
-                bindparam(None, (values[0], slot), type_=term_type, unique=True) for slot in slots
-            ]
-            return BinaryExpression(
-                self.expr,
-                Grouping(ClauseList(*params)),
-                membership,
-                negate=operators.in_op if negate else operators.not_in_op,
-                type_=_BOOLEAN,
-            )
+            return _SearchMatch(self.expr, values[0], term_type, negate=negate)
+        slots = range(term_type.slots)
+        membership = operators.not_in_op if negate else operators.in_op
         terms = [(value, slot) for value in values for slot in slots]
         param = bindparam(None, terms, type_=term_type, expanding=True, unique=True)
         return super().operate(membership, param)
+
+
+class _SearchMatch(ColumnElement[bool]):
+    """``column IN (...)`` (``NOT IN`` when negated) of one value, one parameter
+    rendered once per slot.
+
+    The statement's cache key holds the one parameter; each rendering is a
+    clone of it with the :class:`SearchTerm` of its slot, so a cached
+    statement run with another value fills every slot from that value.
+    """
+
+    __visit_name__ = "search_match"
+    inherit_cache = True
+    _is_implicitly_boolean = True
+    type = _BOOLEAN
+
+    _traverse_internals = [
+        ("column", InternalTraversal.dp_clauseelement),
+        ("term", InternalTraversal.dp_clauseelement),
+        ("negate", InternalTraversal.dp_boolean),
+    ]
+
+    def __init__(self, column: Any, value: Any, term_type: SearchTerm, *, negate: bool) -> None:
+        self.column = column
+        self.term = BindParameter(
+            getattr(column, "key", None), value, type_=term_type, unique=True
+        )
+        self.negate = negate
+
+    def _negate(self) -> ColumnElement[Any]:
+        negated = self._clone()
+        negated.negate = not self.negate
+        return negated
+
+
+@compiles(_SearchMatch)
+def _render_search_match(element: _SearchMatch, compiler: Any, **kw: Any) -> str:
+    term = element.term
+    term_type: SearchTerm = term.type  # type: ignore[assignment]
+    slots = []
+    for slot in range(term_type.slots):
+        rendering = term._clone()  # a new name, the same value; known as the term's clone
+        rendering.type = term_type.slot(slot)
+        slots.append(compiler.process(rendering, **kw))
+    membership = "NOT IN" if element.negate else "IN"
+    return f"{compiler.process(element.column, **kw)} {membership} ({', '.join(slots)})"
 
 
 class _PassThroughBinary(sqltypes.LargeBinary):

@@ -435,7 +435,10 @@ def encrypted_series(tables: Iterable[Table]) -> list[KeySeries]:
     table's data key for randomized columns, its search key for deterministic ones."""
     found: list[KeySeries] = []
     for table in tables:
-        modes = {column.type.deterministic for column in encrypted_columns(table)}
+        modes = {
+            column.type.deterministic  # type: ignore[attr-defined]
+            for column in encrypted_columns(table)
+        }
         found.extend(
             KeySeries(table_scope(table), deterministic)
             for deterministic in (False, True)

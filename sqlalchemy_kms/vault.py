@@ -470,9 +470,18 @@ class KeyVault:
             "cache_misses": self.keys.cache.misses,
             "decrypt_failures": self._decrypt_failures,
         }
-        calls = dict(self.provider.calls)
-        if self._unwrapping is not self.provider:
-            for operation, count in self._unwrapping.calls.items():
+        # each master key counts its own calls: the provider, and after a rewrap
+        # the ones it replaced (a MultiKms's members, the provider among them)
+        members = (
+            self._unwrapping.members
+            if isinstance(self._unwrapping, MultiKms)
+            else (self._unwrapping,)
+        )
+        if not any(member is self.provider for member in members):
+            members = (self.provider, *members)
+        calls: dict[str, int] = {}
+        for member in members:
+            for operation, count in member.calls.items():
                 calls[operation] = calls.get(operation, 0) + count
         for operation, count in sorted(calls.items()):
             counters[f"kms_{operation}"] = count
