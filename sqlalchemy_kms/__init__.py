@@ -27,7 +27,7 @@ AES-SIV for deterministic columns) under that data key::
 
 from . import errors
 from .errors import SQLAlchemyKMSError
-from .providers import AwsKms, KeyProvider, LocalKms
+from .providers import AwsKms, KeyProvider, LocalKms, MultiKms
 from .types import KMSEncrypted
 from .vault import KeyVault
 
@@ -39,6 +39,7 @@ __all__ = [
     "KeyProvider",
     "KeyVault",
     "LocalKms",
+    "MultiKms",
     "SQLAlchemyKMSError",
     "__version__",
     "errors",

@@ -471,14 +471,12 @@ class KeyVault:
             "decrypt_failures": self._decrypt_failures,
         }
         # each master key counts its own calls: the provider, and after a rewrap
-        # the ones it replaced (a MultiKms's members, the provider among them)
-        members = (
-            self._unwrapping.members
-            if isinstance(self._unwrapping, MultiKms)
-            else (self._unwrapping,)
-        )
-        if not any(member is self.provider for member in members):
-            members = (self.provider, *members)
+        # the ones it replaced (a MultiKms counts through its members)
+        members: list[KeyProvider] = []
+        for provider in (self.provider, self._unwrapping):
+            for member in provider.members if isinstance(provider, MultiKms) else (provider,):
+                if not any(member is known for known in members):
+                    members.append(member)
         calls: dict[str, int] = {}
         for member in members:
             for operation, count in member.calls.items():

@@ -103,11 +103,11 @@ class SignallingKms(LocalKms):
         super().__init__(os.urandom(32))
         self.generating: dict[str, threading.Event] = {}
 
-    def generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
+    def _generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
         event_ = self.generating.get(threading.current_thread().name)
         if event_ is not None:
             event_.set()
-        return super().generate_data_key(context)
+        return super()._generate_data_key(context)
 
 
 def run_threads(targets: dict[str, Callable[[], None]], timeout: float = 60) -> dict[str, str]:
