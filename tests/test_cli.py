@@ -9,13 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
 from sqlalchemy_kms import LocalKms, __version__
-from sqlalchemy_kms import cli as cli_module
 from sqlalchemy_kms.cli import (
-    _SAMPLES,
     DATABASE_FILE,
     DEFAULT_DEMO_DIR,
     KEY_FILE,
@@ -24,6 +23,17 @@ from sqlalchemy_kms.cli import (
     main,
     parse_kms_uri,
 )
+from sqlalchemy_kms.cli import _demo as demo_module
+from sqlalchemy_kms.cli._context import (
+    CliContext,
+    KmsUriType,
+    NoKms,
+    db_option,
+    key_table_option,
+    kms_option,
+    pass_cli,
+)
+from sqlalchemy_kms.errors import ConfigurationError
 
 WHERE = "Where things are"
 WRITTEN = "Rows written through the ORM"
@@ -39,7 +49,7 @@ MISSING_ALIAS = "alias/sqlalchemy-kms-does-not-exist"
 def plaintexts() -> list[str]:
     """Every personal value of the sample patients, as the demo prints it."""
     values: list[str] = []
-    for sample in _SAMPLES:
+    for sample in demo_module.SAMPLES:
         values += [sample.name, sample.phone, sample.national_id, sample.birth_date.isoformat()]
         if sample.notes is not None:
             values.append(sample.notes)
@@ -254,7 +264,7 @@ def test_damaged_key_file_is_a_one_line_error(tmp_path: Path) -> None:
 def test_database_error_is_a_one_line_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli_module, "DATABASE_FILE", "no-such-folder/demo.sqlite3")
+    monkeypatch.setattr(demo_module, "DATABASE_FILE", "no-such-folder/demo.sqlite3")
     result = CliRunner().invoke(cli, ["demo", "--dir", str(tmp_path)])
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit)  # a click error, not a crash
@@ -356,3 +366,54 @@ def test_parse_kms_uri() -> None:
     assert str(parse_kms_uri(f"aws-kms://{arn}")) == f"aws-kms://{arn}"
     with pytest.raises(ValueError, match="unknown KMS"):
         parse_kms_uri("kms://alias/app")
+
+
+# -- the command line's parts ---------------------------------------------------------------
+
+
+def test_kms_uri_type() -> None:
+    lifecycle, demo_kms = KmsUriType(), KmsUriType(bare_local=True)
+    assert lifecycle.convert("aws-kms://alias/app", None, None) == KmsUri("aws-kms", "alias/app")
+    assert lifecycle.convert("local://m.key", None, None) == KmsUri("local", "m.key")
+    assert lifecycle.convert(KmsUri("local", "m.key"), None, None) == KmsUri("local", "m.key")
+    assert demo_kms.convert("local", None, None) == KmsUri("local")
+    with pytest.raises(click.BadParameter, match="'local' needs the key file"):
+        lifecycle.convert("local", None, None)
+    with pytest.raises(click.BadParameter, match="unknown KMS 'vault'"):
+        demo_kms.convert("vault", None, None)
+
+
+def test_commands_without_kms_get_a_provider_that_refuses_every_call() -> None:
+    refusing = NoKms()
+    context = {"table": "t", "key_version": "1"}
+    for call in (
+        lambda: refusing.master_key_id,
+        lambda: refusing.generate_data_key(context),
+        lambda: refusing.unwrap(b"wrapped", context, "local:00"),
+        lambda: refusing.wrap(bytes(32), context),
+    ):
+        with pytest.raises(ConfigurationError, match="this needs the master key: give --kms"):
+            call()
+
+
+def test_options_are_kept_on_the_context_object(tmp_path: Path) -> None:
+    seen: list[CliContext] = []
+
+    @click.command()
+    @db_option
+    @kms_option(required=False)
+    @key_table_option
+    @pass_cli
+    def probe(context: CliContext) -> None:
+        seen.append(context)
+
+    database = f"sqlite:///{tmp_path / 'x.db'}"
+    args = ["--db", database, "--kms", "local://m.key", "--key-table", "app.keys"]
+    result = CliRunner().invoke(probe, args)
+    assert result.exit_code == 0, result.output
+    [context] = seen
+    assert (context.db_url, context.kms, context.key_table) == (
+        database,
+        KmsUri("local", "m.key"),
+        "app.keys",
+    )

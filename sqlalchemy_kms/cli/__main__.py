@@ -1,0 +1,5 @@
+"""``python -m sqlalchemy_kms.cli``: the ``sqlalchemy-kms`` command."""
+
+from . import main
+
+main()
