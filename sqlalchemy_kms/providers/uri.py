@@ -141,7 +141,7 @@ def provider_from_uri(
         return LocalKms(key_file=path)
     except OSError as error:
         raise ConfigurationError(
-            f"cannot read the local master key file {path}: {error.strerror or error}"
+            f"cannot read the local key file {path}: {error.strerror or error}"
         ) from None
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
