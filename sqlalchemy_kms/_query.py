@@ -197,7 +197,7 @@ class _SearchMatch(ColumnElement[bool]):
     _is_implicitly_boolean = True
     type = _BOOLEAN
 
-    _traverse_internals = [
+    _traverse_internals = [  # noqa: RUF012 (SQLAlchemy declares it so)
         ("column", InternalTraversal.dp_clauseelement),
         ("term", InternalTraversal.dp_clauseelement),
         ("negate", InternalTraversal.dp_boolean),
@@ -205,9 +205,7 @@ class _SearchMatch(ColumnElement[bool]):
 
     def __init__(self, column: Any, value: Any, term_type: SearchTerm, *, negate: bool) -> None:
         self.column = column
-        self.term = BindParameter(
-            getattr(column, "key", None), value, type_=term_type, unique=True
-        )
+        self.term = BindParameter(getattr(column, "key", None), value, type_=term_type, unique=True)
         self.negate = negate
 
     def _negate(self) -> ColumnElement[Any]:
@@ -223,7 +221,7 @@ def _render_search_match(element: _SearchMatch, compiler: Any, **kw: Any) -> str
     slots = []
     for slot in range(term_type.slots):
         rendering = term._clone()  # a new name, the same value; known as the term's clone
-        rendering.type = term_type.slot(slot)
+        rendering.type = term_type.for_slot(slot)
         slots.append(compiler.process(rendering, **kw))
     membership = "NOT IN" if element.negate else "IN"
     return f"{compiler.process(element.column, **kw)} {membership} ({', '.join(slots)})"
@@ -243,27 +241,54 @@ def _plaintext_form(text: bytes, dialect: Dialect) -> Any:
 
 
 class SearchTerm(sqltypes.TypeDecorator[Any]):
-    """Bind type of an equality operand: ``(value, slot)`` becomes the stored form of
-    ``value`` under the enabled search key number ``slot`` (newest first)."""
+    """Bind type of an equality operand of one deterministic column.
+
+    The operand becomes its stored form under the enabled search key number
+    ``slot``, newest first; a slot with no key gives a value no row holds,
+    and slot :data:`SEARCH_SLOTS`, present while the column accepts
+    plaintext, gives the value as the plaintext column stored it.
+
+    With ``slot=None`` (the type of ``in_()`` lists) each value is a
+    ``(value, slot)`` pair; with a slot (one rendering of ``==``) each value
+    is the Python value itself.
+    """
 
     impl = _PassThroughBinary
     cache_ok = True
 
-    def __init__(self, column_type: Any) -> None:
+    def __init__(self, column_type: Any, slot: int | None = None) -> None:
         self.column_type = column_type
+        self.slot = slot
         super().__init__()
+
+    @property
+    def slots(self) -> int:
+        """How many slots an operand of this column fills."""
+        return SEARCH_SLOTS + (1 if self.column_type.accept_plaintext else 0)
+
+    def for_slot(self, slot: int) -> SearchTerm:
+        """The type of the renderings of slot ``slot`` (one object per slot, so its
+        processor is built once per dialect)."""
+        kept: dict[int, SearchTerm] = self.__dict__.setdefault("_slot_types", {})
+        found = kept.get(slot)
+        if found is None or found.column_type is not self.column_type:
+            found = kept[slot] = SearchTerm(self.column_type, slot)
+        return found
 
     def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any]:
         complete = self.process_bind_param
         column_type = self.column_type
         binding = column_type._binding
+        fixed = self.slot
         if binding is None or column_type.normalize is not None:
+            return lambda value: complete(value, dialect)
+        if fixed is not None and fixed >= SEARCH_SLOTS:  # the plaintext slot
             return lambda value: complete(value, dialect)
         series, scope, column, aad = binding.series, binding.scope, binding.column, binding.aad
         encode = column_type._codec.encode
 
-        def process(value: Any) -> Any:
-            plain, slot = value
+        def seal(plain: Any, slot: int) -> Any:
+            """The stored form from held keys; ``None`` sends it to the complete path."""
             vault = getattr(dialect, VAULT_ATTR, None)
             if plain is not None and vault is not None and slot < SEARCH_SLOTS:
                 keys = vault.keys.fresh(series)
@@ -275,12 +300,24 @@ class SearchTerm(sqltypes.TypeDecorator[Any]):
                         return ciphers[slot].seal_deterministic(encode(plain), scope, column, aad)
                     except SQLAlchemyKMSError:
                         pass  # the complete path raises it with its context
-            return complete(value, dialect)
+            return None
+
+        if fixed is None:
+
+            def process_pair(value: Any) -> Any:
+                sealed = seal(*value)
+                return complete(value, dialect) if sealed is None else sealed
+
+            return process_pair
+
+        def process(value: Any) -> Any:
+            sealed = seal(value, fixed)
+            return complete(value, dialect) if sealed is None else sealed
 
         return process
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
-        plain, slot = value
+        plain, slot = value if self.slot is None else (value, self.slot)
         if plain is None:
             return None
         column_type = self.column_type
