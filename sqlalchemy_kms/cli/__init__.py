@@ -101,6 +101,7 @@ from ._keys import (
     rewrap,
     rotate,
 )
+from ._output import isatty as _isatty  # noqa: F401  (patchable: see package_setting)
 from ._output import one_line
 from ._policy import policy, policy_document
 from ._reports import status, verify

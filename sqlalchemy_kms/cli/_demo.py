@@ -25,7 +25,7 @@ from ..providers.uri import KmsUri, provider_from_uri
 from ..types import KMSEncrypted
 from ..vault import KeyVault
 from ._context import KmsUriType
-from ._output import field, heading, one_line
+from ._output import field, heading, one_line, package_setting
 
 __all__ = ["DATABASE_FILE", "DEFAULT_DEMO_DIR", "KEY_FILE", "PROG_NAME", "SAMPLES", "demo"]
 
@@ -175,7 +175,7 @@ def _local_provider(folder: Path, path: str | None = None) -> tuple[LocalKms, Pa
 
 def _fresh_database(folder: Path) -> Path:
     """Remove the previous run's database (and SQLite side files); return its path."""
-    database = folder / DATABASE_FILE
+    database: Path = folder / str(package_setting("DATABASE_FILE", DATABASE_FILE))
     for suffix in ("", "-journal", "-wal", "-shm"):
         Path(f"{database}{suffix}").unlink(missing_ok=True)
     return database

@@ -91,7 +91,7 @@ def _reencrypt(vault: KeyVault, table: Table, batch_size: int) -> Progress:
     with ExitStack() as stack:
         bar: ProgressBar[int] | None = None
         done = 0
-        terminal = _output.isatty("stdout")
+        terminal = _output.package_setting("_isatty", _output.isatty)("stdout")
 
         def report(state: Progress) -> None:
             nonlocal bar, done
@@ -287,7 +287,7 @@ def destroy(cli: CliContext, table_name: str, version: int, search: bool, yes: b
     destroyed. Without --yes it asks you to type the table name; without
     --yes and without a terminal it refuses (exit status 2).
     """
-    if not yes and not _output.isatty("stdin"):
+    if not yes and not _output.package_setting("_isatty", _output.isatty)("stdin"):
         raise click.UsageError(
             "destroying a key cannot be undone: pass --yes (no terminal to ask on)"
         )

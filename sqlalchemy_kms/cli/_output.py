@@ -26,6 +26,13 @@ def one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+def package_setting(name: str, default: Any) -> Any:
+    """``sqlalchemy_kms.cli.<name>`` as it is now: the package's own names are the
+    ones to patch (a test, or a wrapper script), so commands read them from there."""
+    package = sys.modules.get(__name__.rpartition(".")[0])
+    return getattr(package, name, default)
+
+
 def isatty(stream: Literal["stdin", "stdout"]) -> bool:
     """Whether the command's standard input or output is a terminal."""
     handle = sys.stdin if stream == "stdin" else sys.stdout
