@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from sqlalchemy_kms import LocalKms, __version__
+from sqlalchemy_kms import cli as cli_module
 from sqlalchemy_kms.cli import (
     DATABASE_FILE,
     DEFAULT_DEMO_DIR,
@@ -264,7 +265,7 @@ def test_damaged_key_file_is_a_one_line_error(tmp_path: Path) -> None:
 def test_database_error_is_a_one_line_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(demo_module, "DATABASE_FILE", "no-such-folder/demo.sqlite3")
+    monkeypatch.setattr(cli_module, "DATABASE_FILE", "no-such-folder/demo.sqlite3")
     result = CliRunner().invoke(cli, ["demo", "--dir", str(tmp_path)])
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit)  # a click error, not a crash

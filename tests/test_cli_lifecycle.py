@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sqlalchemy_kms import AwsKms, KeyVault, LocalKms
-from sqlalchemy_kms.cli import _output as cli_output
+from sqlalchemy_kms import cli as cli_module
 from sqlalchemy_kms.cli import cli, load_metadata, policy_document
 from tests.cli_models import Base, Patient, Visit, audit_log, log_metadata
 
@@ -275,7 +275,7 @@ def test_rotate_refuses_a_key_the_table_does_not_have(app: App) -> None:
 def test_reencrypt_shows_a_progress_bar_on_a_terminal(
     app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli_output, "isatty", lambda stream: True)
+    monkeypatch.setattr(cli_module, "_isatty", lambda stream: True)
     app.ok("rotate", "--table", "cli_patients")
     output = app.ok("reencrypt", "--table", "cli_patients", "--batch-size", "2").stdout
     assert "rows scanned, 2 rewritten" not in output  # no per-batch lines
@@ -330,7 +330,7 @@ def test_destroy_asks_for_the_table_name_on_a_terminal(
     app: App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     retired_version_1(app)
-    monkeypatch.setattr(cli_output, "isatty", lambda stream: True)
+    monkeypatch.setattr(cli_module, "_isatty", lambda stream: True)
     args = ("destroy", "--table", "cli_patients", "--version", "1")
     wrong = app.run(*args, input="cli_visits\n")
     assert wrong.exit_code == 1
