@@ -65,8 +65,10 @@ from .lifecycle import columns as column_jobs
 from .lifecycle import retire as retire_jobs
 from .lifecycle import rewrap as rewrap_jobs
 from .lifecycle import status as status_jobs
+from .lifecycle import verify as verify_jobs
 from .lifecycle.rewrite import Progress
 from .lifecycle.status import TableStatus
+from .lifecycle.verify import VerifyReport
 from .providers.base import KeyProvider
 from .providers.multi import MultiKms
 from .types import VAULT_ATTR, encrypted_series, result_series
@@ -385,13 +387,11 @@ class KeyVault:
 
     def verify(
         self, tables: MetaData | Table | Sequence[Table], *, batch_size: int = 1000, shown: int = 5
-    ) -> Any:
+    ) -> VerifyReport:
         """Decrypt every stored value of ``tables`` and report what fails: the
         auditor's proof that every value is readable. Returns a
         :class:`~sqlalchemy_kms.lifecycle.verify.VerifyReport`."""
-        from .lifecycle import verify
-
-        return verify.verify(self, _tables(tables), batch_size=batch_size, shown=shown)
+        return verify_jobs.verify(self.engine, _tables(tables), batch_size=batch_size, shown=shown)
 
     def retire_key(self, table: Table, version: int, *, search: bool = False) -> None:
         """Retire key ``version`` of ``table``: refused while any stored value uses it

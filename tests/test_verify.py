@@ -105,7 +105,7 @@ def test_counts_follow_key_versions(vault: KeyVault, people: tuple[MetaData, Tab
     vault.rotate_key(table)
     with vault.engine.begin() as conn:
         conn.execute(table.update().where(table.c.id <= 3).values(name="renamed"))
-    report = verify(vault, [table])
+    report = verify(vault.engine, [table])
     columns = {column.column: column for column in report.tables[0].columns}
     assert columns["name"].rows_by_version == {1: ROWS - 3, 2: 3}
     assert columns["email"].rows_by_version == {1: ROWS}  # the search key was not rotated
@@ -152,7 +152,7 @@ def test_every_failure_is_counted_but_only_shown_are_listed(
         alter(engine, "email", number)
     with engine.begin() as conn:  # not a value of ours at all
         conn.execute(text("UPDATE verify_people SET note = :v WHERE id = 1"), {"v": b"plain"})
-    report = verify(vault, [table], batch_size=3, shown=2)
+    report = verify(vault.engine, [table], batch_size=3, shown=2)
     columns = {column.column: column for column in report.tables[0].columns}
     assert columns["email"].failures == 4
     assert [failed.primary_key for failed in columns["email"].failed] == [{"id": 2}, {"id": 5}]
@@ -164,7 +164,7 @@ def test_every_failure_is_counted_but_only_shown_are_listed(
     ]
     assert report.failures == 5
     assert report.failed_columns == ["verify_people.email", "verify_people.note"]
-    assert verify(vault, [table], shown=0).tables[0].columns[1].failed == []
+    assert verify(vault.engine, [table], shown=0).tables[0].columns[1].failed == []
 
 
 def test_a_key_that_cannot_be_had_is_asked_for_once(
@@ -205,6 +205,6 @@ def test_a_table_without_primary_key_names_rows_by_position(
 def test_bad_arguments(vault: KeyVault) -> None:
     _metadata, table, _plain = people_metadata()
     with pytest.raises(ValueError, match="batch_size"):
-        verify(vault, [table], batch_size=0)
+        verify(vault.engine, [table], batch_size=0)
     with pytest.raises(ValueError, match="shown"):
-        verify(vault, [table], shown=-1)
+        verify(vault.engine, [table], shown=-1)

@@ -10,7 +10,7 @@ primary key, the error's class and the error's reason, which never holds
 plaintext. Use it after a restore, an import, a rewrap, or before destroying
 a key::
 
-    report = vault.verify(Base.metadata)        # or verify(vault, [patients])
+    report = vault.verify(Base.metadata)        # or verify(engine, [patients])
     if not report.ok:
         for table in report.tables:
             for column in table.columns:
@@ -40,7 +40,7 @@ from ..types import KMSEncrypted, encrypted_columns
 from .rewrite import raw, walk_rows
 
 if TYPE_CHECKING:
-    from ..vault import KeyVault
+    from sqlalchemy.engine import Engine
 
 __all__ = ["ColumnCheck", "FailedValue", "TableCheck", "VerifyReport", "verify"]
 
@@ -174,14 +174,14 @@ class VerifyReport:
 
 
 def verify(
-    vault: KeyVault, tables: Sequence[Table], *, batch_size: int = 1000, shown: int = 5
+    engine: Engine, tables: Sequence[Table], *, batch_size: int = 1000, shown: int = 5
 ) -> VerifyReport:
     """Decrypt every stored value of ``tables``' encrypted columns; report what fails.
 
     Tables without encrypted columns are skipped. ``batch_size`` rows are read
     per query; ``shown`` failing values are listed per column (all are
-    counted). The values are decrypted through ``vault``, which must be bound
-    to the engine of the tables' database.
+    counted). The values are decrypted through the vault bound to ``engine``
+    (:class:`~sqlalchemy_kms.KeyVault` binds itself to its engine).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -189,7 +189,7 @@ def verify(
         raise ValueError("shown must not be negative")
     return VerifyReport(
         [
-            _verify_table(vault, table, batch_size, shown)
+            _verify_table(engine, table, batch_size, shown)
             for table in tables
             if encrypted_columns(table)
         ]
@@ -202,17 +202,17 @@ def _has_usable_primary_key(table: Table) -> bool:
 
 
 def _batches(
-    vault: KeyVault, table: Table, columns: Sequence[Column[Any]], batch_size: int
+    engine: Engine, table: Table, columns: Sequence[Column[Any]], batch_size: int
 ) -> Iterator[tuple[list[str], list[tuple[tuple[Any, ...], tuple[Any, ...]]]]]:
     """The table's rows in batches: (primary key names, [(key values, stored values)])."""
     if _has_usable_primary_key(table):
         names = [column.name for column in table.primary_key.columns]
         width = len(names)
-        for _conn, rows in walk_rows(vault.engine, table, columns, batch_size=batch_size):
+        for _conn, rows in walk_rows(engine, table, columns, batch_size=batch_size):
             yield names, [(tuple(row[:width]), tuple(row[width:])) for row in rows]
         return
     # no key to walk by: one streamed query, the rows named by their position
-    with vault.engine.connect() as conn:
+    with engine.connect() as conn:
         result = conn.execution_options(stream_results=True, max_row_buffer=batch_size)
         position = 0
         for partition in result.execute(select(*(raw(c) for c in columns))).partitions(batch_size):
@@ -239,7 +239,7 @@ def _reason(error: BaseException) -> str | None:
     return " ".join(str(error.reason).split())
 
 
-def _verify_table(vault: KeyVault, table: Table, batch_size: int, shown: int) -> TableCheck:
+def _verify_table(engine: Engine, table: Table, batch_size: int, shown: int) -> TableCheck:
     columns = encrypted_columns(table)
     types: list[KMSEncrypted] = [column.type for column in columns]  # type: ignore[misc]
     check = TableCheck(
@@ -248,11 +248,11 @@ def _verify_table(vault: KeyVault, table: Table, batch_size: int, shown: int) ->
             ColumnCheck(c.name, bool(t.deterministic)) for c, t in zip(columns, types, strict=True)
         ],
     )
-    dialect = vault.engine.dialect
+    dialect = engine.dialect
     # a key that cannot be had fails every value under it: remembered by its header,
     # so that the KMS is not asked again for each value
     broken_keys: dict[tuple[int, int], BaseException] = {}
-    for names, batch in _batches(vault, table, columns, batch_size):
+    for names, batch in _batches(engine, table, columns, batch_size):
         check.rows += len(batch)
         for key_values, stored_values in batch:
             for column_type, found, stored in zip(types, check.columns, stored_values, strict=True):
