@@ -124,7 +124,9 @@ class KeyCache(Generic[V]):
         now = self._clock()
         dropped: list[tuple[Hashable, V]] = []
         with self._guard:
-            for key, (value, expires) in list(self._entries.items()):
+            while self._entries:
+                key = next(iter(self._entries))
+                value, expires = self._entries[key]
                 if now < expires:
                     break
                 del self._entries[key]
