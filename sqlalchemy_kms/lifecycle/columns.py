@@ -4,7 +4,11 @@ plaintext in place, or write the plaintext back.
 Each is one :func:`~sqlalchemy_kms.lifecycle.rewrite.rewrite_rows` job with
 its own transform. Values are decrypted and encrypted by the column types'
 own processors (their fast paths, and their documented errors), through the
-vault bound to the engine.
+vault bound to the engine. Re-encryption first tries its own fast path: a
+value that a held key opens is decoded, encoded and sealed under the held
+active key in one step; anything else (a key not held, a value that does not
+open or decode) takes the processors' complete path, which raises the
+documented error.
 
 Example::
 
@@ -24,6 +28,7 @@ from sqlalchemy.engine import Connection
 from .._connections import Connections
 from .._format import ALG_DETERMINISTIC, ALG_RANDOMIZED, HEADER_SIZE, pack_header, parse_header
 from .._keytable import KeySeries, table_scope
+from .._query import VAULT_ATTR
 from ..errors import InvalidCiphertextError, KeyLifecycleError
 from ..types import KMSEncrypted, encrypted_columns
 from .rewrite import Progress, ProgressCallback, Transform, rewrite_rows
@@ -90,35 +95,79 @@ def _encrypting_transform(
         return header
 
     dialect = connections.engine.dialect
-    # the column types' own processors: their fast paths, and their errors
-    processors: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {}
+    as_bytearray = dialect.name == "sqlite"  # as the column types bind values there
 
-    def transform(column: Column[Any], stored: Any) -> Any:
-        if stored is None:
-            return None
+    def for_column(column: Column[Any]) -> Callable[[Sequence[Any]], list[Any]]:
         column_type: KMSEncrypted = column.type  # type: ignore[assignment]
-        raw = _as_bytes(stored)
-        if raw is not None and raw[:HEADER_SIZE] == target_header(column_type.deterministic):
-            return None  # already under the active key
-        if column.name not in processors:
-            processors[column.name] = (
-                column_type.result_processor(dialect, None),
-                column_type.bind_processor(dialect),
-            )
-        decrypt, encrypt = processors[column.name]
-        if raw is not None and _parses(raw):
-            value = decrypt(raw)
-        elif legacy:
-            value = column_type.from_legacy(stored)
-        else:
-            raise InvalidCiphertextError(
-                "stored value is plaintext; encrypt the column with encrypt_column()",
-                table=scope,
-                column=column.name,
-            )
-        return encrypt(value)
+        deterministic = column_type.deterministic
+        # the column type's own processors: their fast paths, and their errors
+        decrypt = column_type.result_processor(dialect, None)
+        encrypt = column_type.bind_processor(dialect)
+        binding = column_type._binding
+        # the fast path: open with a held key, decode, encode, seal under the held
+        # active key; not for columns whose writes normalize values (the bind
+        # processor's complete path applies normalize)
+        fast = binding is not None and column_type.normalize is None
+        series = KeySeries(scope, deterministic)
+        name, aad = column.name, binding.aad if binding is not None else b""
+        decode, encode = column_type._codec.decode, column_type._codec.encode
+        target = b""  # the active key's header, asked at the first value
 
-    return transform
+        def complete(stored: Any, raw: bytes | None) -> Any:
+            if raw is not None and _parses(raw):
+                value = decrypt(raw)
+            elif legacy:
+                value = column_type.from_legacy(stored)
+            else:
+                raise InvalidCiphertextError(
+                    "stored value is plaintext; encrypt the column with encrypt_column()",
+                    table=scope,
+                    column=name,
+                )
+            return encrypt(value)
+
+        def transform(values: Sequence[Any]) -> list[Any]:
+            nonlocal target
+            vault = getattr(dialect, VAULT_ATTR, None) if fast else None
+            store = vault.keys if vault is not None else None
+            sealing: Any = None  # the active key of the last value, and header || aad
+            associated = b""
+            moved: list[Any] = []
+            for stored in values:
+                if stored is None:
+                    moved.append(None)
+                    continue
+                raw = stored if stored.__class__ is bytes else _as_bytes(stored)
+                if raw is None:
+                    moved.append(complete(stored, raw))
+                    continue
+                if not target:
+                    target = target_header(deterministic)
+                if raw[:HEADER_SIZE] == target:
+                    moved.append(None)  # already under the active key
+                    continue
+                sealed = None
+                keys = store.fresh(series) if store is not None else None
+                cipher = keys.active if keys is not None else None
+                if cipher is not None:
+                    try:
+                        plaintext = keys.open(raw, aad, name)  # type: ignore[union-attr]
+                        if plaintext is not None:
+                            data = encode(decode(plaintext))
+                            if deterministic:
+                                sealed = cipher.seal_deterministic(data, scope, name, aad)
+                            else:
+                                if cipher is not sealing:
+                                    sealing, associated = cipher, cipher.header + aad
+                                sealed = cipher.seal(data, associated, mutable=as_bytearray)
+                    except Exception:  # the complete path raises the documented error
+                        sealed = None
+                moved.append(complete(stored, raw) if sealed is None else sealed)
+            return moved
+
+        return transform
+
+    return for_column
 
 
 def reencrypt(
@@ -198,12 +247,15 @@ def decrypt_column(
     sqlite = dialect.name == "sqlite"
     decrypt = column_type.result_processor(dialect, None)
 
-    def transform(col: Column[Any], stored: Any) -> Any:
+    def plaintext(stored: Any) -> Any:
         raw = _as_bytes(stored)
         if raw is None or not _parses(raw):
             return None  # NULL, or plaintext already
         value = decrypt(raw)
         return value if sqlite else column_type.legacy_text(value)
+
+    def transform(col: Column[Any]) -> Callable[[Sequence[Any]], list[Any]]:
+        return lambda values: [plaintext(stored) for stored in values]
 
     def value_type(col: Column[Any]) -> Any:
         return column_type.inner_type if sqlite else LargeBinary()
