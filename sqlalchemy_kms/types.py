@@ -407,6 +407,11 @@ def _make_key_for_new_table(table: Table, connection: Any, **kw: Any) -> None:
     vault = _vault_of(connection.dialect)
     if vault is None:
         return
+    shared = vault.connections.shared()
+    if shared is not None and not vault.key_table.exists(shared):
+        # asked first: a failed query would abort the shared transaction (PostgreSQL),
+        # a migration's included; the keys are made on first use instead
+        return
     with contextlib.suppress(KeyTableMissingError):  # else made on first use
         vault.create_keys([table])
 
