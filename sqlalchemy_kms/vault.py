@@ -56,16 +56,19 @@ from ._keytable import (
     KeySeries,
     KeyTable,
     key_table,
+    key_table_declaration,
     scope_of,
     table_scope,
 )
 from .cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
+from .errors import ConfigurationError
 from .lifecycle import backup as backup_jobs
 from .lifecycle import columns as column_jobs
 from .lifecycle import retire as retire_jobs
 from .lifecycle import rewrap as rewrap_jobs
 from .lifecycle import status as status_jobs
 from .lifecycle import verify as verify_jobs
+from .lifecycle.retire import DEFAULT_GRACE_PERIOD, MAX_REFRESH_INTERVAL
 from .lifecycle.rewrite import Progress
 from .lifecycle.status import TableStatus
 from .lifecycle.verify import VerifyReport
@@ -115,7 +118,12 @@ class KeyVault:
         is asked again (default 300); revoked KMS access stops reads and
         writes within this time.
     :param refresh_interval: seconds after which the key table is read again
-        to learn of a newer active key made by another process (default 60).
+        to learn of a newer active key made by another process (default 60, at
+        most 60: retiring a key relies on every process refreshing that often).
+    :param grace_period: seconds after a rotation before this vault retires or
+        destroys the older version (default 90: the longest refresh interval of
+        any process, plus a margin). Lower it only when every process of the
+        application uses a shorter ``refresh_interval``.
 
     Creating a vault binds it to the engine; a later vault for the same
     engine replaces it.
@@ -142,14 +150,21 @@ class KeyVault:
         cache_max_entries: int = DEFAULT_MAX_ENTRIES,
         cache_max_age: float = DEFAULT_MAX_AGE,
         refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
     ) -> None:
         sync_engine: Engine = getattr(engine, "sync_engine", engine)
         if not isinstance(sync_engine, Engine):
             raise TypeError("KeyVault needs an Engine or AsyncEngine")
         if not isinstance(provider, KeyProvider):
             raise TypeError("provider must be a KeyProvider such as AwsKms or LocalKms")
-        if refresh_interval <= 0:
-            raise ValueError("refresh_interval must be positive")
+        if not 0 < refresh_interval <= MAX_REFRESH_INTERVAL:
+            raise ValueError(
+                f"refresh_interval must be positive and at most {MAX_REFRESH_INTERVAL:.0f} "
+                "seconds: retiring a key waits for every process to refresh"
+            )
+        if not grace_period >= 0:
+            raise ValueError("grace_period must not be negative")
+        self.grace_period = float(grace_period)
         self.engine = sync_engine
         self.provider = provider
         # the master keys that unwrap existing rows: the provider, and those it replaced
@@ -237,10 +252,30 @@ class KeyVault:
         for each table it creates through an engine with a vault.
         """
         made: dict[str, dict[str, int]] = {}
-        for series in encrypted_series(_tables(tables)):
+        chosen = _tables(tables)
+        self._check_key_table(chosen)
+        for series in encrypted_series(chosen):
             version = self.loader.active(series).key_version
             made.setdefault(series.scope, {})[series.purpose] = version
         return made
+
+    def _check_key_table(self, tables: Sequence[Table]) -> None:
+        """Refuse tables whose metadata declares another key table than this vault's:
+        create_all and autogenerate would create (or drop) the wrong one."""
+        ours = self.table.fullname
+        for table in tables:
+            declared = key_table_declaration(table.metadata)
+            if declared is None or declared.fullname == ours:
+                continue
+            if declared.automatic and self.connections.shared() is not None:
+                continue  # a migration: Alembic builds each table in a MetaData of its own
+            schema = "" if self.table.schema is None else f", schema={self.table.schema!r}"
+            raise ConfigurationError(
+                f"the models of {table_scope(table)} use the key table {declared.fullname}"
+                f"{' (the default)' if declared.automatic else ''}, but this KeyVault uses "
+                f"{ours}: declare it in the models with key_table(metadata, "
+                f"{self.table.name!r}{schema}), or give the KeyVault the models' key table"
+            )
 
     def active_key_version(self, table: Table | str, *, search: bool = False) -> int:
         """The version of the data key (or search key) new values of ``table`` use."""
@@ -394,17 +429,23 @@ class KeyVault:
         return verify_jobs.verify(self.engine, _tables(tables), batch_size=batch_size, shown=shown)
 
     def retire_key(self, table: Table, version: int, *, search: bool = False) -> None:
-        """Retire key ``version`` of ``table``: refused while any stored value uses it
-        (:class:`~sqlalchemy_kms.errors.KeyLifecycleError`) or while it is active."""
+        """Retire key ``version`` of ``table``. Refused
+        (:class:`~sqlalchemy_kms.errors.KeyLifecycleError`) while it is active,
+        within ``grace_period`` seconds after the next version was made (the
+        error says from when it is allowed), or while any stored value uses it."""
         series = KeySeries(table_scope(table), search)
-        retire_jobs.retire_key(self.key_table, self.connections, table, series, version)
+        retire_jobs.retire_key(
+            self.key_table, self.connections, table, series, version, grace=self.grace_period
+        )
         self.keys.forget(series)
 
     def check_destroyable(self, table: Table | str, version: int, *, search: bool = False) -> None:
         """Raise :class:`~sqlalchemy_kms.errors.KeyLifecycleError` unless key ``version``
         of ``table`` may be destroyed now (before asking a person to confirm)."""
         series = KeySeries(scope_of(table), search)
-        retire_jobs.check_destroyable_version(self.key_table, self.connections, series, version)
+        retire_jobs.check_destroyable_version(
+            self.key_table, self.connections, series, version, grace=self.grace_period
+        )
 
     def destroy_key(
         self, table: Table | str, version: int, *, search: bool = False, confirm: bool = False
@@ -418,7 +459,15 @@ class KeyVault:
         (see ``docs/security.md``).
         """
         series = KeySeries(scope_of(table), search)
-        retire_jobs.destroy_key(self.key_table, self.connections, series, version, confirm=confirm)
+        retire_jobs.destroy_key(
+            self.key_table,
+            self.connections,
+            table,
+            series,
+            version,
+            confirm=confirm,
+            grace=self.grace_period,
+        )
         self.keys.invalidate(series, version)
 
     def rewrap(self, provider: KeyProvider, *, table: Table | str | None = None) -> int:

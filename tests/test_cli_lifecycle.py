@@ -286,20 +286,26 @@ def test_reencrypt_shows_a_progress_bar_on_a_terminal(
 # -- retire and destroy ----------------------------------------------------------------------------
 
 
+NO_GRACE = ("--grace-period", "0")
+
+
 def test_retire_is_refused_while_rows_use_the_key(app: App) -> None:
     app.ok("rotate", "--table", "cli_patients")
-    refused = app.run("retire", "--table", "cli_patients", "--version", "1")
+    early = app.run("retire", "--table", "cli_patients", "--version", "1")
+    assert early.exit_code == 1
+    assert "retire allowed after " in one_line_error(early)
+    refused = app.run("retire", "--table", "cli_patients", "--version", "1", *NO_GRACE)
     assert refused.exit_code == 1
     line = one_line_error(refused)
     assert "cli_patients key version 1" in line
     assert "stored values still use this key" in line
 
-    active = app.run("retire", "--table", "cli_patients", "--version", "2")
+    active = app.run("retire", "--table", "cli_patients", "--version", "2", *NO_GRACE)
     assert active.exit_code == 1
     assert "the active key cannot be retired" in one_line_error(active)
 
     app.ok("reencrypt", "--table", "cli_patients")
-    done = app.ok("retire", "--table", "cli_patients", "--version", "1", kms=None)
+    done = app.ok("retire", "--table", "cli_patients", "--version", "1", *NO_GRACE, kms=None)
     assert done.stdout == "cli_patients: data key version 1 retired\n"
     report = keys(app.status()["cli_patients"])
     assert report[("data", 1)]["state"] == "retired"
@@ -309,17 +315,24 @@ def test_retire_is_refused_while_rows_use_the_key(app: App) -> None:
 
 def retired_version_1(app: App) -> None:
     app.ok("rotate", "--table", "cli_patients", "--reencrypt")
-    app.ok("retire", "--table", "cli_patients", "--version", "1")
+    app.ok("retire", "--table", "cli_patients", "--version", "1", *NO_GRACE)
 
 
 def test_destroy_needs_yes_without_a_terminal(app: App) -> None:
     retired_version_1(app)
-    refused = app.run("destroy", "--table", "cli_patients", "--version", "1", models=False)
+    refused = app.run(
+        "destroy", "--table", "cli_patients", "--version", "1", *NO_GRACE, models=False
+    )
     assert refused.exit_code == 2
     assert "pass --yes" in refused.output
     assert ("data", 1) in keys(app.status()["cli_patients"])
 
-    done = app.ok("destroy", "--table", "cli_patients", "--version", "1", "--yes", models=False)
+    early = app.run("destroy", "--table", "cli_patients", "--version", "1", "--yes")
+    assert early.exit_code == 1
+    assert "destroy allowed after " in one_line_error(early)
+    done = app.ok(
+        "destroy", "--table", "cli_patients", "--version", "1", "--yes", *NO_GRACE, models=False
+    )
     assert done.stdout == "cli_patients: data key version 1 destroyed\n"
     assert set(keys(app.status()["cli_patients"])) == {("data", 2), ("search", 1)}
     assert app.ok("verify").stdout.splitlines()[-1].startswith("OK: ")
@@ -331,7 +344,7 @@ def test_destroy_asks_for_the_table_name_on_a_terminal(
 ) -> None:
     retired_version_1(app)
     monkeypatch.setattr(cli_module, "_isatty", lambda stream: True)
-    args = ("destroy", "--table", "cli_patients", "--version", "1")
+    args = ("destroy", "--table", "cli_patients", "--version", "1", *NO_GRACE)
     wrong = app.run(*args, input="cli_visits\n")
     assert wrong.exit_code == 1
     assert "Type the table name (cli_patients) to confirm" in wrong.output

@@ -169,7 +169,7 @@ def test_a_destroyed_key_lives_in_other_processes_until_their_max_age(tmp_path: 
     url = f"sqlite:///{tmp_path / 'destroy.db'}"
     app_engine, operator_engine = create_engine(url), create_engine(url)
     app = KeyVault(app_engine, LocalKms(MASTER), cache_max_age=0.5)
-    operator = KeyVault(operator_engine, LocalKms(MASTER))
+    operator = KeyVault(operator_engine, LocalKms(MASTER), grace_period=0)
     operator.create_table()
     metadata, (table,) = _tables(1)
     metadata.create_all(operator_engine)

@@ -11,8 +11,11 @@ from typing import TYPE_CHECKING, TextIO
 import click
 from sqlalchemy import Table
 
+from .._format import MAX_KEY_VERSION
 from .._keytable import KeySeries, table_scope
 from ..lifecycle import Progress
+from ..lifecycle.backup import read_export, select_keys
+from ..lifecycle.retire import DEFAULT_GRACE_PERIOD
 from ..providers.uri import KmsUri
 from ..types import encrypted_series
 from ..vault import KeyVault
@@ -245,6 +248,16 @@ _version_option = click.option(
 _search_option = click.option(
     "--search", is_flag=True, help="A search key (deterministic columns), not a data key."
 )
+_grace_option = click.option(
+    "--grace-period",
+    "grace_period",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_GRACE_PERIOD,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds after the next version was made before this version may be retired "
+    "or destroyed; lower it only if every process uses a shorter refresh interval.",
+)
 
 
 @click.command()
@@ -255,16 +268,21 @@ _search_option = click.option(
 @click.option("--table", "table_name", metavar="TABLE", required=True, help="The table.")
 @_version_option
 @_search_option
+@_grace_option
 @pass_cli
-def retire(cli: CliContext, table_name: str, version: int, search: bool) -> None:
+def retire(
+    cli: CliContext, table_name: str, version: int, search: bool, grace_period: float
+) -> None:
     """Retire an old key version: it is no longer used nor offered for reads.
 
-    Refused (exit status 1) while any stored value of the table still uses
-    it (run 'reencrypt' first) or while it is the active version. A retired
-    key stays in the key table until 'destroy'.
+    Refused (exit status 1) while it is the active version, within the grace
+    period after the next version was made (the message says from when it is
+    allowed), or while any stored value of the table still uses it (run
+    'reencrypt' first). A retired key stays in the key table until 'destroy'.
     """
     [table] = cli.tables([table_name])
     with cli.open_vault(master_key=False) as vault:
+        vault.grace_period = grace_period
         vault.retire_key(table, version, search=search)
     click.echo(f"{table_scope(table)}: {key_name(search)} version {version} retired")
 
@@ -277,15 +295,19 @@ def retire(cli: CliContext, table_name: str, version: int, search: bool) -> None
 @click.option("--table", "table_name", metavar="TABLE", required=True, help="The table.")
 @_version_option
 @_search_option
+@_grace_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_cli
-def destroy(cli: CliContext, table_name: str, version: int, search: bool, yes: bool) -> None:
+def destroy(
+    cli: CliContext, table_name: str, version: int, search: bool, grace_period: float, yes: bool
+) -> None:
     """Delete a retired key version for good (crypto-shredding).
 
     Every value still encrypted under it, in this database or in any backup
     or export, can never be decrypted again. Only a retired key can be
-    destroyed. Without --yes it asks you to type the table name; without
-    --yes and without a terminal it refuses (exit status 2).
+    destroyed, after the grace period, and only when a count made as it is
+    deleted finds no value under it. Without --yes it asks you to type the
+    table name; without --yes and without a terminal it refuses (exit status 2).
     """
     if not yes and not _output.package_setting("_isatty", _output.isatty)("stdin"):
         raise click.UsageError(
@@ -296,6 +318,7 @@ def destroy(cli: CliContext, table_name: str, version: int, search: bool, yes: b
         [table] = cli.tables([table_name])
     scope = table_scope(table) if isinstance(table, Table) else table
     with cli.open_vault(master_key=False) as vault:
+        vault.grace_period = grace_period
         vault.check_destroyable(table, version, search=search)
         if not yes:
             click.echo(
@@ -350,16 +373,48 @@ def export_keys(cli: CliContext, output: Path | None) -> None:
 @db_option
 @kms_option(required=False)
 @key_table_option
+@click.option(
+    "--table",
+    "table_name",
+    metavar="TABLE",
+    default=None,
+    help="Import this table's keys only (schema.table when it has a schema).",
+)
+@click.option(
+    "--version",
+    "version",
+    type=click.IntRange(1, MAX_KEY_VERSION),
+    default=None,
+    help="Import this version of the table's data key only (with --table).",
+)
+@click.option(
+    "--search",
+    is_flag=True,
+    help="With --version: that version of the search key (deterministic columns).",
+)
 @click.argument("file", type=click.File("r", encoding="utf-8"))
 @pass_cli
-def import_keys(cli: CliContext, file: TextIO) -> None:
+def import_keys(
+    cli: CliContext, table_name: str | None, version: int | None, search: bool, file: TextIO
+) -> None:
     """Restore keys from an 'export-keys' FILE ('-' for standard input).
 
-    Creates the key table if it does not exist. Keys already present with
-    the same wrapped key are skipped; a key with the same table, purpose and
-    version but another wrapped key is a conflict: nothing is imported and
-    the exit status is 1.
+    Creates the key table if it does not exist. Every key of the file is
+    checked first (state, purpose, version, encoding); one invalid key and
+    nothing is imported (exit status 1). --table imports one table's keys,
+    --table and --version one version of its data key (add --search for its
+    search key): a destroyed version comes back from a backup as it is.
+
+    Keys the key table holds already are skipped: with the same wrapped key,
+    or wrapped under another master key (the same data key, rewrapped since
+    the export). A key with the same table, purpose, version and master key
+    but another wrapped key is a conflict: nothing is imported and the exit
+    status is 1.
     """
+    if version is not None and table_name is None:
+        raise click.UsageError("--version needs --table: the version of which table's key?")
+    if search and version is None:
+        raise click.UsageError("--search chooses a search key version: give --version too")
     try:
         data = json.load(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -368,6 +423,7 @@ def import_keys(cli: CliContext, file: TextIO) -> None:
         raise click.ClickException(f"{file.name} is not a sqlalchemy-kms key export")
     with cli.open_vault(master_key=False, key_table_needed=False) as vault:
         vault.create_table()
-        added = vault.import_keys(data)  # a damaged export is a KeyLifecycleError
-    skipped = len(data["keys"]) - added
-    click.echo(f"imported {added} key(s); {skipped} already present")
+        # an invalid or conflicting export is a KeyLifecycleError: one line, exit status 1
+        added = vault.import_keys(data, table=table_name, version=version, search=search)
+    chosen = select_keys(read_export(data), table=table_name, version=version, search=search)
+    click.echo(f"imported {added} key(s); {len(chosen) - added} already present")

@@ -7,8 +7,8 @@ from typing import Any, Final
 
 import click
 
-from ..lifecycle import TableStatus
-from ..lifecycle.verify import FailedValue, VerifyReport
+from ..lifecycle import ColumnStatus, TableStatus
+from ..lifecycle.verify import ColumnCheck, FailedValue, VerifyReport
 from ._context import (
     CliContext,
     batch_size_option,
@@ -57,6 +57,7 @@ def _status_data(report: Sequence[TableStatus]) -> dict[str, Any]:
                         },
                         "null_rows": column.null_rows,
                         "other_rows": column.other_rows,
+                        "other_mode_rows": column.other_mode_rows,
                         "total": column.total,
                     }
                     for column in table.columns
@@ -105,6 +106,13 @@ def _print_status(report: Sequence[TableStatus]) -> None:
                 for column in table.columns
             ]
         )
+        _print_other_mode(table.table, table.columns)
+
+
+def _print_other_mode(table: str, columns: Sequence[ColumnStatus | ColumnCheck]) -> None:
+    for column in columns:
+        if column.other_mode is not None:
+            click.echo(f"    {table}.{column.column}: {column.other_mode}")
 
 
 @click.command()
@@ -156,6 +164,7 @@ def _print_verify(report: VerifyReport) -> None:
         ]
         if rows:
             table_lines(rows, indent=2)
+        _print_other_mode(check.table, check.columns)
         for column in check.columns:
             where = f"{check.table}.{column.column}"
             for failed in column.failed:

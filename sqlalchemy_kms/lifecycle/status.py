@@ -18,9 +18,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column, LargeBinary, Table, bindparam, func, select, type_coerce
+from sqlalchemy import (
+    Column,
+    LargeBinary,
+    MetaData,
+    Table,
+    bindparam,
+    func,
+    inspect,
+    select,
+    type_coerce,
+)
 from sqlalchemy.engine import Connection
-from sqlalchemy.types import NullType
+from sqlalchemy.exc import NoSuchTableError
+from sqlalchemy.types import NullType, _Binary
 
 from .._connections import Connections
 from .._format import ALG_DETERMINISTIC, ALG_RANDOMIZED, FORMAT_VERSION, HEADER_SIZE, pack_header
@@ -52,11 +63,43 @@ class ColumnStatus:
     rows_by_version: dict[int, int]
     null_rows: int
     other_rows: int  # plaintext or not our format
+    #: Values of the other mode (randomized values in a deterministic column, written
+    #: before it became deterministic, or the reverse): ``reencrypt`` converts them.
+    other_mode_rows: int = 0
 
     @property
     def total(self) -> int:
         """Every row of the table, counted once."""
-        return sum(self.rows_by_version.values()) + self.null_rows + self.other_rows
+        return (
+            sum(self.rows_by_version.values())
+            + self.null_rows
+            + self.other_rows
+            + self.other_mode_rows
+        )
+
+    @property
+    def other_mode(self) -> str | None:
+        """What the other-mode values are and what to do, when there are any."""
+        return other_mode_advice(self.deterministic, self.other_mode_rows)
+
+
+def other_mode_advice(deterministic: bool, count: int) -> str | None:
+    """The report line for ``count`` values of the other mode in a column.
+
+    >>> other_mode_advice(True, 3)
+    '3 randomized in a deterministic column: run reencrypt'
+    """
+    if not count:
+        return None
+    found, column = (
+        ("randomized", "deterministic")
+        if deterministic
+        else (
+            "deterministic",
+            "randomized",
+        )
+    )
+    return f"{count} {found} in a {column} column: run reencrypt"
 
 
 @dataclass
@@ -92,19 +135,24 @@ def column_status(conn: Connection, table: Table, column: Column[Any]) -> Column
     deterministic = bool(column.type.deterministic)  # type: ignore[attr-defined]
     algorithm = ALG_DETERMINISTIC if deterministic else ALG_RANDOMIZED
     by_version: dict[int, int] = {}
-    nulls = others = 0
+    nulls = others = other_mode = 0
     for header, count in header_counts(conn, table, column).items():
         if header is None:
             nulls += count
             continue
         raw = _as_bytes(header)
-        if raw is None or len(raw) < HEADER_SIZE or raw[0] != FORMAT_VERSION or raw[1] != algorithm:
-            # plaintext, another format, or values of the other mode (the column changed)
+        if raw is None or len(raw) < HEADER_SIZE or raw[0] != FORMAT_VERSION:
+            others += count  # plaintext, or another format
+            continue
+        if raw[1] in (ALG_RANDOMIZED, ALG_DETERMINISTIC) and raw[1] != algorithm:
+            other_mode += count  # the column's mode changed since these were written
+            continue
+        if raw[1] != algorithm:
             others += count
             continue
         version = int.from_bytes(raw[2:HEADER_SIZE], "big")
         by_version[version] = by_version.get(version, 0) + count
-    return ColumnStatus(column.name, deterministic, by_version, nulls, others)
+    return ColumnStatus(column.name, deterministic, by_version, nulls, others, other_mode)
 
 
 def status(keys: KeyTable, connections: Connections, tables: Sequence[Table]) -> list[TableStatus]:
@@ -142,6 +190,31 @@ def status(keys: KeyTable, connections: Connections, tables: Sequence[Table]) ->
             )
         )
     return report
+
+
+def rows_using_any_binary(conn: Connection, scope: str, series: KeySeries, version: int) -> int:
+    """How many values of table ``scope`` (``schema.table``) start with the header of
+    key ``version``, in any binary column the database reports: for a table known
+    only by name."""
+    schema, _, name = scope.rpartition(".")
+    reflected = Table(name, MetaData(), schema=schema or None)
+    try:
+        inspect(conn).reflect_table(reflected, None)
+    except NoSuchTableError:
+        return 0
+    algorithm = ALG_DETERMINISTIC if series.deterministic else ALG_RANDOMIZED
+    header = pack_header(algorithm, version)
+    count = 0
+    for column in reflected.columns:
+        if not isinstance(column.type, _Binary):
+            continue
+        query = (
+            select(func.count())
+            .select_from(reflected)
+            .where(_header(column) == bindparam("header", header, type_=LargeBinary()))
+        )
+        count += int(conn.execute(query).scalar_one())
+    return count
 
 
 def rows_using(conn: Connection, table: Table, series: KeySeries, version: int) -> int:

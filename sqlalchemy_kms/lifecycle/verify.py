@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import Column, Table, select
 
-from .._format import parse_header
+from .._format import ALG_DETERMINISTIC, ALG_RANDOMIZED, parse_header
 from .._keytable import table_scope
 from ..errors import InvalidCiphertextError, KMSError, SQLAlchemyKMSError, UnknownKeyVersionError
 from ..types import KMSEncrypted, encrypted_columns
 from .rewrite import raw, walk_rows
+from .status import other_mode_advice
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -75,6 +76,10 @@ class ColumnCheck:
     null_rows: int = 0
     #: Values without a header of ours: plaintext (``accept_plaintext=True``) or damaged.
     other_rows: int = 0
+    #: Values of the other mode: randomized values in a deterministic column (written
+    #: before the column became deterministic; equality cannot find them), or the
+    #: reverse. ``reencrypt`` converts them.
+    other_mode_rows: int = 0
     #: Values that did not decrypt (all are counted; ``failed`` lists the first few).
     failures: int = 0
     failed: list[FailedValue] = field(default_factory=list)
@@ -82,7 +87,12 @@ class ColumnCheck:
     @property
     def values(self) -> int:
         """Stored values checked (every row but the NULLs)."""
-        return sum(self.rows_by_version.values()) + self.other_rows
+        return sum(self.rows_by_version.values()) + self.other_rows + self.other_mode_rows
+
+    @property
+    def other_mode(self) -> str | None:
+        """What the other-mode values are and what to do, when there are any."""
+        return other_mode_advice(self.deterministic, self.other_mode_rows)
 
     @property
     def ok(self) -> bool:
@@ -99,6 +109,7 @@ class ColumnCheck:
             },
             "null_rows": self.null_rows,
             "other_rows": self.other_rows,
+            "other_mode_rows": self.other_mode_rows,
             "failures": self.failures,
             "failed_rows": [failed.as_dict() for failed in self.failed],
         }
@@ -262,6 +273,8 @@ def _verify_table(engine: Engine, table: Table, batch_size: int, shown: int) -> 
                 header = _header(stored)
                 if header is None:
                     found.other_rows += 1
+                elif header[0] != (ALG_DETERMINISTIC if found.deterministic else ALG_RANDOMIZED):
+                    found.other_mode_rows += 1
                 else:
                     version = header[1]
                     found.rows_by_version[version] = found.rows_by_version.get(version, 0) + 1
