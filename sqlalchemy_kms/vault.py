@@ -37,15 +37,17 @@ written inside that transaction instead (see :mod:`sqlalchemy_kms._connections`)
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 from sqlalchemy import MetaData, Table, event
 from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.util.concurrency import in_greenlet
 
 from ._connections import Connections
 from ._format import ALG_DETERMINISTIC, parse_header
@@ -89,6 +91,30 @@ __all__ = [
 DEFAULT_REFRESH_INTERVAL: Final = 60.0
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _database_work(
+    method: Callable[Concatenate[KeyVault, P], R],
+) -> Callable[Concatenate[KeyVault, P], R]:
+    """Refuse, with a clear error, a vault method that reads or writes the database
+    when it is called on an async engine outside ``run_sync`` (where it could only
+    fail with SQLAlchemy's ``MissingGreenlet`` and leave a coroutine never awaited)."""
+
+    @functools.wraps(method)
+    def checked(self: KeyVault, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self._is_async and not in_greenlet():
+            raise ConfigurationError(
+                f"vault.{method.__name__}() uses the database of an async engine: call it "
+                "inside run_sync, e.g. async with engine.begin() as conn: await "
+                f"conn.run_sync(lambda _: vault.{method.__name__}(...))"
+            )
+        return method(self, *args, **kwargs)
+
+    return checked
+
+
 def vault_for(dialect: Dialect) -> KeyVault | None:
     """The vault bound to the engine that owns ``dialect``, if any."""
     vault: KeyVault | None = getattr(dialect, VAULT_ATTR, None)
@@ -125,8 +151,13 @@ class KeyVault:
         any process, plus a margin). Lower it only when every process of the
         application uses a shorter ``refresh_interval``.
 
-    Creating a vault binds it to the engine; a later vault for the same
-    engine replaces it.
+    :param replace: bind to an engine that already has a vault, closing that
+        one; without it that is a :class:`~sqlalchemy_kms.errors.ConfigurationError`
+        (two vaults on one engine would make keys under two master keys).
+
+    Creating a vault binds it to the engine. On an async engine, the methods
+    that read or write the database run inside ``run_sync``:
+    ``await conn.run_sync(lambda _: vault.create_table())``.
 
     Example::
 
@@ -151,6 +182,7 @@ class KeyVault:
         cache_max_age: float = DEFAULT_MAX_AGE,
         refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         grace_period: float = DEFAULT_GRACE_PERIOD,
+        replace: bool = False,
     ) -> None:
         sync_engine: Engine = getattr(engine, "sync_engine", engine)
         if not isinstance(sync_engine, Engine):
@@ -192,7 +224,7 @@ class KeyVault:
         self._preloaded: dict[KeySeries, float] = {}
         self._decrypt_failures = 0
         self._guard = threading.Lock()
-        self._bind()
+        self._bind(replace)
 
     def __repr__(self) -> str:
         return f"<KeyVault table={self.table.fullname!r} provider={self.provider!r}>"
@@ -204,10 +236,15 @@ class KeyVault:
 
     # -- binding -------------------------------------------------------------
 
-    def _bind(self) -> None:
+    def _bind(self, replace: bool) -> None:
         dialect = self.engine.dialect
         previous = vault_for(dialect)
         if previous is not None and previous is not self:
+            if not replace:
+                raise ConfigurationError(
+                    f"this engine already has a vault ({previous!r}); close it first, or "
+                    "pass replace=True to replace it"
+                )
             previous.close()
         setattr(dialect, VAULT_ATTR, self)
         self.connections.listen()
@@ -231,10 +268,12 @@ class KeyVault:
 
     # -- keys ------------------------------------------------------------------
 
+    @_database_work
     def create_table(self) -> None:
         """Create the key table if it does not exist (safe to call again)."""
         self.key_table.create(self.engine)
 
+    @_database_work
     def create_key(self, table: Table | str, *, search: bool = False) -> int:
         """Make sure ``table`` has an active data key (or search key), making one if needed.
 
@@ -243,6 +282,7 @@ class KeyVault:
         """
         return self.loader.active(KeySeries(scope_of(table), search)).key_version
 
+    @_database_work
     def create_keys(self, tables: MetaData | Iterable[Table]) -> dict[str, dict[str, int]]:
         """Make the keys every encrypted table needs: a data key for randomized
         columns, a search key for deterministic ones.
@@ -265,7 +305,7 @@ class KeyVault:
         ours = self.table.fullname
         for table in tables:
             declared = key_table_declaration(table.metadata)
-            if declared is None or declared.fullname == ours:
+            if declared is None or declared.fullname in (ours, table.fullname):
                 continue
             if declared.automatic and self.connections.shared() is not None:
                 continue  # a migration: Alembic builds each table in a MetaData of its own
@@ -277,10 +317,12 @@ class KeyVault:
                 f"{self.table.name!r}{schema}), or give the KeyVault the models' key table"
             )
 
+    @_database_work
     def active_key_version(self, table: Table | str, *, search: bool = False) -> int:
         """The version of the data key (or search key) new values of ``table`` use."""
         return self.loader.active(KeySeries(scope_of(table), search)).key_version
 
+    @_database_work
     def rotate_key(self, table: Table | str, *, search: bool = False) -> int:
         """Make a new active data key (or, with ``search=True``, search key) for ``table``.
 
@@ -294,12 +336,14 @@ class KeyVault:
         """
         return self.loader.rotate(KeySeries(scope_of(table), search))
 
+    @_database_work
     def key_versions(self, table: Table | str, *, search: bool = False) -> list[int]:
         """Enabled key versions of ``table``, newest first."""
         with self.engine.connect() as conn:
             rows = self.key_table.enabled(conn, KeySeries(scope_of(table), search))
         return [row.version for row in rows]
 
+    @_database_work
     def warm_up(self, tables: MetaData | Iterable[Table]) -> int:
         """Unwrap every key the encrypted columns of ``tables`` may need, now.
 
@@ -339,6 +383,7 @@ class KeyVault:
         self.keys.forget(series)  # the key table's word, not this process's memory
         return self.loader.active(series).key_version
 
+    @_database_work
     def reencrypt(
         self,
         table: Table,
@@ -368,6 +413,7 @@ class KeyVault:
             connection=connection,
         )
 
+    @_database_work
     def encrypt_column(
         self,
         table: Table,
@@ -396,6 +442,7 @@ class KeyVault:
             connection=connection,
         )
 
+    @_database_work
     def decrypt_column(
         self,
         table: Table,
@@ -415,11 +462,13 @@ class KeyVault:
             connection=connection,
         )
 
+    @_database_work
     def status(self, tables: MetaData | Table | Sequence[Table]) -> list[TableStatus]:
         """Per table: key versions, their state and master key, and rows per version
         per column (counted by the database from the stored headers)."""
         return status_jobs.status(self.key_table, self.connections, _tables(tables))
 
+    @_database_work
     def verify(
         self, tables: MetaData | Table | Sequence[Table], *, batch_size: int = 1000, shown: int = 5
     ) -> VerifyReport:
@@ -428,6 +477,7 @@ class KeyVault:
         :class:`~sqlalchemy_kms.lifecycle.verify.VerifyReport`."""
         return verify_jobs.verify(self.engine, _tables(tables), batch_size=batch_size, shown=shown)
 
+    @_database_work
     def retire_key(self, table: Table, version: int, *, search: bool = False) -> None:
         """Retire key ``version`` of ``table``. Refused
         (:class:`~sqlalchemy_kms.errors.KeyLifecycleError`) while it is active,
@@ -439,6 +489,7 @@ class KeyVault:
         )
         self.keys.forget(series)
 
+    @_database_work
     def check_destroyable(self, table: Table | str, version: int, *, search: bool = False) -> None:
         """Raise :class:`~sqlalchemy_kms.errors.KeyLifecycleError` unless key ``version``
         of ``table`` may be destroyed now (before asking a person to confirm)."""
@@ -447,6 +498,7 @@ class KeyVault:
             self.key_table, self.connections, series, version, grace=self.grace_period
         )
 
+    @_database_work
     def destroy_key(
         self, table: Table | str, version: int, *, search: bool = False, confirm: bool = False
     ) -> None:
@@ -470,6 +522,7 @@ class KeyVault:
         )
         self.keys.invalidate(series, version)
 
+    @_database_work
     def rewrap(self, provider: KeyProvider, *, table: Table | str | None = None) -> int:
         """Re-wrap every data key (or one table's) under ``provider``; no row is touched.
 
@@ -490,13 +543,33 @@ class KeyVault:
             self.provider = provider
         return done
 
+    @_database_work
     def export_keys(self) -> dict[str, Any]:
         """The key table as JSON-ready data (wrapped keys only: safe to back up)."""
         return backup_jobs.export_keys(self.key_table, self.connections)
 
-    def import_keys(self, data: Mapping[str, Any]) -> int:
-        """Restore keys exported by :meth:`export_keys`; refuses conflicting ids."""
-        added = backup_jobs.import_keys(self.key_table, self.connections, data)
+    @_database_work
+    def import_keys(
+        self,
+        data: Mapping[str, Any],
+        *,
+        table: Table | str | None = None,
+        version: int | None = None,
+        search: bool = False,
+    ) -> int:
+        """Restore keys exported by :meth:`export_keys`; returns the number added.
+
+        ``table`` restores one table's keys only; with ``version``, only that
+        version of its data key (of its search key with ``search=True``).
+        Every row is checked first (state, purpose, version range): one
+        invalid row and nothing is imported. Keys already held are skipped,
+        including one wrapped under another master key since (a rewrap); a
+        different key under the same master key is a conflict
+        (:class:`~sqlalchemy_kms.errors.KeyLifecycleError`, nothing imported).
+        """
+        added = backup_jobs.import_keys(
+            self.key_table, self.connections, data, table=table, version=version, search=search
+        )
         if added:
             self.clear_cache()
         return added
@@ -605,4 +678,3 @@ class KeyVault:
         for key, cipher in self.connections.pending_items(conn).items():
             if isinstance(key, tuple) and isinstance(key[0], KeySeries) and key[0] in needed:
                 self.keys.put(key[0], cipher)
-

@@ -287,7 +287,9 @@ ROTATE_IN_ANOTHER_PROCESS = textwrap.dedent("""
 def test_search_key_rotated_in_another_process_is_picked_up(
     users: Engine, db_url: str, kms: AwsKms, kms_endpoint: str, cmk: dict[str, str], how: str
 ) -> None:
-    vault = KeyVault(users, kms, refresh_interval=0.5 if how == "refresh-interval" else 60)
+    vault = KeyVault(
+        users, kms, refresh_interval=0.5 if how == "refresh-interval" else 60, replace=True
+    )
     with Session(users) as session:  # this process knows search key 1 only
         assert session.scalars(select(User.id).where(User.email == "kim@example.com")).all() == [1]
     env = dict(

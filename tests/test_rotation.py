@@ -3,6 +3,7 @@ encrypt and decrypt columns in place, and the audit trail."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import logging
 import os
@@ -189,6 +190,85 @@ def test_export_and_import_keys(engine: Engine, vault: KeyVault, table: Table) -
     assert len(vault.export_keys()["keys"]) == 3
 
 
+def export_with(exported: dict[str, Any], *keys: dict[str, Any]) -> dict[str, Any]:
+    return dict(exported, keys=list(keys))
+
+
+def test_import_checks_every_key_and_imports_nothing_on_an_invalid_one(
+    engine: Engine, vault: KeyVault, table: Table
+) -> None:
+    exported = vault.export_keys()
+    before = exported["keys"]
+    valid = dict(before[0], scope="people_restored")
+    for damage, message in [
+        ({"state": "ENABLED"}, "state must be 'enabled' or 'retired', not 'ENABLED'"),
+        ({"state": "enabled "}, "state must be 'enabled' or 'retired', not 'enabled '"),
+        ({"state": "active"}, "state must be 'enabled' or 'retired', not 'active'"),
+        ({"purpose": "DATA"}, "purpose must be 'data' or 'search', not 'DATA'"),
+        ({"purpose": "search "}, "purpose must be 'data' or 'search'"),
+        ({"key_version": 0}, "key_version must be in 1..2147483647, not 0"),
+        ({"key_version": -1}, "key_version must be in 1..2147483647, not -1"),
+        ({"key_version": 2**31}, "key_version must be in 1..2147483647, not 2147483648"),
+        ({"key_version": "3"}, "key_version must be an integer, not '3'"),
+        ({"key_version": True}, "key_version must be an integer, not True"),
+        ({"key_version": 1.5}, "key_version must be an integer, not 1.5"),
+        ({"scope": ""}, "scope must be a text of 1 to 255 characters"),
+        ({"scope": "p" * 256}, "scope must be a text of 1 to 255 characters"),
+        ({"provider": "x" * 33}, "provider must be a text of 1 to 32 characters"),
+        ({"wrapped_key": ""}, "wrapped_key is empty"),
+        ({"created_at": "yesterday"}, "created_at is not an ISO 8601 time"),
+    ]:
+        invalid = {**valid, "key_version": 7, **damage}
+        with pytest.raises(KeyLifecycleError) as info:
+            vault.import_keys(export_with(exported, valid, invalid))
+        assert f"the key export is damaged: key 2: {message}" in str(info.value)
+        assert str(info.value).endswith("; nothing imported")
+    with pytest.raises(KeyLifecycleError, match="key 2: the same table, purpose and version"):
+        vault.import_keys(export_with(exported, valid, dict(valid)))
+    assert vault.export_keys()["keys"] == before  # nothing imported, ever
+    assert vault.import_keys(export_with(exported, valid)) == 1
+
+
+def test_import_after_a_rewrap_restores_one_destroyed_version(
+    engine: Engine, vault: KeyVault, table: Table
+) -> None:
+    vault.rotate_key(table)
+    backup = vault.export_keys()  # data 1 and 2, search 1, under the first master key
+    new = LocalKms(os.urandom(32))
+    assert vault.rewrap(new) == 3
+    # the same data keys, wrapped under another master key: nothing to add, no conflict
+    assert vault.import_keys(backup) == 0
+    assert vault.import_keys(backup, table=table, version=1) == 0
+
+    with engine.begin() as conn:  # version 1 of both keys destroyed by mistake
+        conn.execute(text("DELETE FROM kms_data_keys WHERE key_version = 1"))
+    vault.clear_cache()
+    with engine.connect() as conn, pytest.raises(UnknownKeyVersionError):
+        conn.execute(select(table.c.name).where(table.c.id == 1)).all()
+
+    assert vault.import_keys(backup, table=table, version=1) == 1  # the data key only
+    assert [k["purpose"] for k in vault.export_keys()["keys"]] == ["data", "data"]
+    assert vault.import_keys(backup, table="people", version=1, search=True) == 1
+    assert read_all(engine, table) == [expected(i) for i in range(250)]
+    # restored as backed up, under the first master key; rewrap moves them to the new one
+    assert vault.rewrap(new) == 2
+    assert {k["master_key_id"] for k in vault.export_keys()["keys"]} == {new.master_key_id}
+
+    with pytest.raises(KeyLifecycleError, match="holds no data key version 7 of people"):
+        vault.import_keys(backup, table=table, version=7)
+    with pytest.raises(KeyLifecycleError, match="holds no keys of nobody"):
+        vault.import_keys(backup, table="nobody")
+    with pytest.raises(ValueError, match="give table= too"):
+        vault.import_keys(backup, version=1)
+    with pytest.raises(ValueError, match="give version= too"):
+        vault.import_keys(backup, table=table, search=True)
+    # under the same master key, other wrapped bytes are another key: refused
+    current = vault.export_keys()
+    forged = dict(current["keys"][0], wrapped_key=base64.b64encode(os.urandom(60)).decode())
+    with pytest.raises(KeyLifecycleError, match="different key with the same id"):
+        vault.import_keys(export_with(current, forged))
+
+
 @pytest.mark.aws_kms
 def test_rewrap_under_a_new_cmk_survives_the_old_one_being_disabled(
     engine: Engine, db_url: str, kms: AwsKms, kms_endpoint: str, table: Table
@@ -201,7 +281,7 @@ def test_rewrap_under_a_new_cmk_survives_the_old_one_being_disabled(
     target_client.meta.events.register(
         "before-call.kms", lambda model, **kw: calls.append(model.name)
     )
-    vault = KeyVault(engine, kms)
+    vault = KeyVault(engine, kms, replace=True)
     assert vault.rewrap(AwsKms(new_cmk["KeyId"], client=target_client)) == 2
     # KMS re-wraps each key itself: no Decrypt, so no data key in this process
     assert calls.count("ReEncrypt") == 2 and "Decrypt" not in calls
@@ -476,7 +556,7 @@ def test_partial_rewrap_keeps_every_table_readable(engine: Engine) -> None:
     assert read_all(engine, first) == read_all(engine, second) == [expected(i) for i in range(5)]
     assert vault.rewrap(new, table=second) == 2
     assert {k["master_key_id"] for k in vault.export_keys()["keys"]} == {new.master_key_id}
-    only_new = KeyVault(engine, new)
+    only_new = KeyVault(engine, new, replace=True)
     assert read_all(engine, second) == [expected(i) for i in range(5)]
     only_new.close()
 

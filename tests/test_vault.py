@@ -338,7 +338,7 @@ def test_cache_max_age_unwraps_again(engine: Engine, kms: AwsKms) -> None:
     metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(patients.insert().values(id=1, name="Kim", phone="010"))
-    reader = KeyVault(engine, kms, cache_max_age=0.5)
+    reader = KeyVault(engine, kms, cache_max_age=0.5, replace=True)
     calls = kms.counter.calls  # type: ignore[attr-defined]
     before = calls["Decrypt"]
     for _ in range(3):
