@@ -401,7 +401,14 @@ class KeyTable:
         keys = self.table.c
         return and_(keys.scope == series.scope, keys.purpose == series.purpose)
 
-    def _key_rows(self, conn: Connection, query: Any) -> list[KeyRow]:
+    def _key_rows(
+        self, conn: Connection, query: Any, series: KeySeries | None = None
+    ) -> list[KeyRow]:
+        rows = self._execute(conn, query)
+        if series is not None:
+            # compared again here: a key table made before its binary collation (MySQL,
+            # MariaDB) answers another table's ``People`` rows, or ``DATA`` rows, too
+            rows = [r for r in rows if (r.scope, r.purpose) == (series.scope, series.purpose)]
         return [
             KeyRow(
                 KeySeries.of(row.scope, row.purpose),
@@ -412,7 +419,7 @@ class KeyTable:
                 bytes(row.wrapped_key),
                 row.created_at,
             )
-            for row in self._execute(conn, query)
+            for row in rows
         ]
 
     def enabled(self, conn: Connection, series: KeySeries) -> list[KeyRow]:
@@ -423,25 +430,20 @@ class KeyTable:
             .where(self._series(series), keys.state == ENABLED)
             .order_by(keys.key_version.desc())
         )
-        # compared again here: a key table made before its binary collation (MySQL,
-        # MariaDB) would answer ``ENABLED`` or another table's ``People`` rows too
-        return [
-            row
-            for row in self._key_rows(conn, query)
-            if row.state == ENABLED and row.series == series
-        ]
+        # and ``ENABLED`` rows, in a key table made before its binary collation
+        return [row for row in self._key_rows(conn, query, series) if row.state == ENABLED]
 
     def versions(self, conn: Connection, series: KeySeries) -> list[KeyRow]:
         """Every version of ``series`` (enabled or retired), oldest first."""
         query = select(self.table).where(self._series(series)).order_by(self.table.c.key_version)
-        return self._key_rows(conn, query)
+        return self._key_rows(conn, query, series)
 
     def version(self, conn: Connection, series: KeySeries, version: int) -> KeyRow | None:
         """One version of ``series``, or ``None`` if the key table has no such row."""
         query = select(self.table).where(
             self._series(series), self.table.c.key_version == version
         )
-        rows = self._key_rows(conn, query)
+        rows = self._key_rows(conn, query, series)
         return rows[0] if rows else None
 
     def lock_version(self, conn: Connection, series: KeySeries, version: int) -> KeyRow | None:

@@ -406,7 +406,10 @@ def test_import_conflict_exits_1_and_imports_nothing(app: App, tmp_path: Path) -
     conflicting.write_text(json.dumps(exported))
     result = app.run("import-keys", str(conflicting), models=False)
     assert result.exit_code == 1
-    assert "holds a different key with the same id; nothing imported" in one_line_error(result)
+    assert one_line_error(result) == (
+        "Error: cli_patients key version 1: the key table holds a different key with the same "
+        "id under the same master key; nothing imported"
+    )
     after = json.loads(app.ok("export-keys", models=False).stdout)
     assert "cli_elsewhere" not in {key["scope"] for key in after["keys"]}
 
@@ -419,7 +422,7 @@ def test_import_conflict_exits_1_and_imports_nothing(app: App, tmp_path: Path) -
         ('{"keys": 3}', "is not a sqlalchemy-kms key export"),
         (
             '{"format": "sqlalchemy-kms-keys", "version": 1, "keys": [{"scope": "x"}]}',
-            "the key export is damaged (KeyError)",
+            "the key export is damaged: key 1: it has no 'key_version'; nothing imported",
         ),
     ],
 )
@@ -431,6 +434,60 @@ def test_import_of_a_damaged_file_is_one_line(
     result = app.run("import-keys", str(damaged), models=False)
     assert result.exit_code == 1
     assert message in one_line_error(result)
+
+
+def test_import_refuses_an_invalid_state_and_imports_nothing(app: App, tmp_path: Path) -> None:
+    exported = json.loads(app.ok("export-keys", models=False).stdout)
+    valid = dict(exported["keys"][0], scope="cli_restored")
+    exported["keys"] = [valid, dict(valid, key_version=2, state="ENABLED")]
+    invalid = tmp_path / "invalid.json"
+    invalid.write_text(json.dumps(exported))
+    result = app.run("import-keys", str(invalid), models=False)
+    assert result.exit_code == 1
+    assert one_line_error(result) == (
+        "Error: the key export is damaged: key 2: state must be 'enabled' or 'retired', "
+        "not 'ENABLED'; nothing imported"
+    )
+    after = json.loads(app.ok("export-keys", models=False).stdout)
+    assert "cli_restored" not in {key["scope"] for key in after["keys"]}
+
+
+def test_import_of_one_version_after_a_rewrap(app: App, tmp_path: Path) -> None:
+    backup = tmp_path / "keys.json"
+    app.ok("export-keys", "--output", str(backup), models=False)
+    new_key = tmp_path / "new.key"
+    LocalKms.generate_key_file(new_key)
+    new = f"local://{new_key}"
+    app.ok("rewrap", "--to", new, models=False)
+    # the backup's keys are the same data keys under the old master key: present already
+    again = app.ok("import-keys", str(backup), models=False, kms=None)
+    assert again.stdout == "imported 0 key(s); 3 already present\n"
+
+    with app.engine.begin() as conn:  # one version destroyed by mistake
+        conn.execute(
+            text(f"DELETE FROM {KEY_TABLE} WHERE scope = 'cli_patients' AND purpose = 'data'")
+        )
+    assert app.run("verify", kms=new).exit_code == 1
+    one = ("import-keys", "--table", "cli_patients", "--version", "1", str(backup))
+    restored = app.ok(*one, models=False, kms=None)
+    assert restored.stdout == "imported 1 key(s); 0 already present\n"
+    assert app.ok(*one, models=False, kms=None).stdout == "imported 0 key(s); 1 already present\n"
+    search = app.ok(*one[:5], "--search", str(backup), models=False, kms=None)
+    assert search.stdout == "imported 0 key(s); 1 already present\n"
+    # restored as it was backed up, under the old master key: rewrap moves it over
+    moved = app.ok("rewrap", "--to", new, models=False)
+    assert moved.stdout == f"rewrapped 1 key(s) under {new}\n"
+    assert app.ok("verify", kms=new).stdout.splitlines()[-1].startswith("OK: ")
+
+    missing = app.run(*one[:4], "9", str(backup), models=False)
+    assert missing.exit_code == 1
+    assert "holds no data key version 9 of cli_patients" in one_line_error(missing)
+    no_table = app.run("import-keys", "--version", "1", str(backup), models=False)
+    assert no_table.exit_code == 2 and "--version needs --table" in no_table.stderr
+    no_version = app.run(*one[:3], "--search", str(backup), models=False)
+    assert no_version.exit_code == 2 and "give --version too" in no_version.stderr
+    too_high = app.run(*one[:4], str(2**31), str(backup), models=False)
+    assert too_high.exit_code == 2
 
 
 # -- verify ----------------------------------------------------------------------------------------
