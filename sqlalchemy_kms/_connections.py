@@ -26,15 +26,19 @@ Example::
 from __future__ import annotations
 
 import contextvars
+import functools
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.util.concurrency import in_greenlet
 
-__all__ = ["Connections"]
+from .errors import ConfigurationError
+
+__all__ = ["Connections", "database_work"]
 
 _PENDING_INFO: Final = "sqlalchemy_kms.pending"
 
@@ -64,6 +68,7 @@ class Connections:
     ) -> None:
         self.engine = engine
         self.shares_writer = engine.dialect.name == "sqlite"
+        self.is_async = bool(engine.dialect.is_async)
         self._on_rollback = on_rollback
 
     def __repr__(self) -> str:
@@ -155,3 +160,32 @@ class Connections:
         """The keys pending on ``conn`` (empty if none), without creating the mapping."""
         found: dict[Any, Any] = conn.info.get(_PENDING_INFO, {})
         return found
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S", bound="_UsesConnections")
+
+
+class _UsesConnections(Protocol):
+    connections: Connections
+
+
+def database_work(
+    method: Callable[Concatenate[S, P], R],
+) -> Callable[Concatenate[S, P], R]:
+    """Refuse, with a clear error, a vault method that reads or writes the database
+    when it is called on an async engine outside ``run_sync`` (where it could only
+    fail with SQLAlchemy's ``MissingGreenlet`` and leave a coroutine never awaited)."""
+
+    @functools.wraps(method)
+    def checked(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self.connections.is_async and not in_greenlet():
+            raise ConfigurationError(
+                f"vault.{method.__name__}() uses the database of an async engine: call it "
+                "inside run_sync, e.g. async with engine.begin() as conn: await "
+                f"conn.run_sync(lambda _: vault.{method.__name__}(...))"
+            )
+        return method(self, *args, **kwargs)
+
+    return checked

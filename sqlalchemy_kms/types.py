@@ -34,10 +34,21 @@ import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import Column, Table, event
+from sqlalchemy import (
+    Column,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Table,
+    UniqueConstraint,
+    event,
+)
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect, Engine, ExceptionContext
+from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.visitors import iterate
 
 from ._codecs import Codec, codec_for
 from ._format import (
@@ -46,8 +57,10 @@ from ._format import (
     RANDOMIZED_OVERHEAD,
     parse_header,
 )
-from ._keytable import KeySeries, table_scope
+from ._keytable import KeySeries, depend_on_key_table, table_scope
 from ._query import (
+    PRIMARY_KEY_REASON,
+    RELATIONSHIP_HINT,
     SEARCH_SLOTS,
     VAULT_ATTR,
     Binding,
@@ -61,6 +74,7 @@ from .errors import (
     InvalidCiphertextError,
     KeyTableMissingError,
     SQLAlchemyKMSError,
+    UnsupportedQueryError,
     VaultNotFoundError,
 )
 
@@ -70,7 +84,9 @@ __all__ = [
     "KMSEncrypted",
     "encrypted_columns",
     "encrypted_series",
+    "refuse_unworkable",
     "result_series",
+    "statement_series",
 ]
 
 
@@ -193,8 +209,10 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         self._binding = None
         if isinstance(parent.table, Table):
             self._attach_table(parent, parent.table)
+            _refuse_unworkable_column(parent, parent.table)
         else:
             event.listen(parent, "after_parent_attach", self._attach_table)
+            event.listen(parent, "after_parent_attach", _refuse_unworkable_column)
 
     def _attach_table(self, column: Column[Any], table: Any) -> None:
         if not isinstance(table, Table) or column.type is not self:
@@ -202,6 +220,11 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         self._binding = Binding(table_scope(table), column.name, self.deterministic)
         if not event.contains(table, "after_create", _make_key_for_new_table):
             event.listen(table, "after_create", _make_key_for_new_table)
+        # the key table joins the table's metadata (create_all, autogenerate) and is
+        # created before it, so the table's keys can be made as it is created
+        depend_on_key_table(table)
+        if not event.contains(table.metadata, "before_create", _check_key_table_first):
+            event.listen(table.metadata, "before_create", _check_key_table_first)
 
     # -- DDL -----------------------------------------------------------------
 
@@ -402,6 +425,14 @@ def _looks_encrypted(value: Any) -> bool:
     return True
 
 
+def _check_key_table_first(metadata: Any, connection: Any, **kw: Any) -> None:
+    """``before_create`` of a metadata with encrypted tables: refuse, before any DDL, a
+    key table other than the vault's (``create_all`` would create the wrong one)."""
+    vault = _vault_of(connection.dialect)
+    if vault is not None:
+        vault.check_key_table(kw.get("tables") or metadata.sorted_tables)
+
+
 def _make_key_for_new_table(table: Table, connection: Any, **kw: Any) -> None:
     """``after_create``: make the new table's keys ahead of its first write."""
     vault = _vault_of(connection.dialect)
@@ -414,6 +445,159 @@ def _make_key_for_new_table(table: Table, connection: Any, **kw: Any) -> None:
         return
     with contextlib.suppress(KeyTableMissingError):  # else made on first use
         vault.create_keys([table])
+
+
+# -- definitions encryption cannot honour -------------------------------------
+#
+# Checked when an encrypted column joins its table, when the table is complete
+# (its constraints and indexes attached), when an index or unique constraint is
+# added later, and again before the table is created (create_all, Alembic's
+# create_table): each raises before anything runs.
+
+_RANDOMIZED_INDEX = (
+    "a randomized encrypted column cannot have a unique constraint or an index: it stores "
+    "equal values differently, so the constraint accepts duplicates and no lookup can use the "
+    "index; use KMSEncrypted(..., deterministic=True) for a column that must be unique or "
+    "searched, or drop the constraint or index"
+)
+_EXPRESSION_INDEX = (
+    "an index cannot be built on an expression of an encrypted column: the expression would "
+    "be computed over the stored ciphertext; index the column itself (deterministic columns "
+    "only)"
+)
+_SERVER_VALUE = (
+    "an encrypted column cannot take a value the database computes (server_default, "
+    "server_onupdate, Computed, Identity, a Sequence or a SQL expression such as func.now() "
+    "as default or onupdate): the database would store it as plaintext; use a Python "
+    "default= (a value or a function) instead"
+)
+_PRIMARY_KEY = f"an encrypted column cannot be a primary key: {PRIMARY_KEY_REASON}"
+
+
+def _refusal(column: Column[Any], table: Table, reason: str) -> ConfigurationError:
+    return ConfigurationError(reason, table=table_scope(table), column=column.name)
+
+
+def _is_server_value(default: Any) -> bool:
+    """Whether a column default is computed by the database (a SQL expression, a
+    sequence, a server-side default) rather than given by Python."""
+    if default is None:
+        return False
+    return bool(
+        getattr(default, "is_clause_element", False)
+        or getattr(default, "is_sequence", False)
+        or getattr(default, "is_server_default", False)
+    )
+
+
+def _check_column(column: Column[Any], table: Table) -> None:
+    column_type = column.type
+    if not isinstance(column_type, KMSEncrypted):
+        return
+    if column.primary_key:
+        raise _refusal(column, table, _PRIMARY_KEY)
+    if column.foreign_keys:
+        raise _foreign_key_refusal(column)
+    if not column_type.deterministic and (column.unique or column.index):
+        raise _refusal(column, table, _RANDOMIZED_INDEX)
+    server_values = (column.server_default, column.server_onupdate, column.default)
+    if any(map(_is_server_value, (*server_values, column.onupdate))):
+        raise _refusal(column, table, _SERVER_VALUE)
+    if column.computed is not None or column.identity is not None:
+        raise _refusal(column, table, _SERVER_VALUE)
+
+
+def _check_index(index: Index | UniqueConstraint, table: Any) -> None:
+    """An index or unique constraint attached to ``table``: no randomized column, and
+    no expression over an encrypted column."""
+    if not isinstance(table, Table):
+        return
+    for column in index.columns:
+        column_type = column.type
+        if isinstance(column_type, KMSEncrypted) and not column_type.deterministic:
+            raise _refusal(column, table, _RANDOMIZED_INDEX)
+    for expression in getattr(index, "expressions", ()):
+        if isinstance(expression, Column) or not isinstance(expression, ClauseElement):
+            continue
+        for element in iterate(expression):
+            if isinstance(element, Column) and isinstance(element.type, KMSEncrypted):
+                raise _refusal(element, table, _EXPRESSION_INDEX)
+
+
+def _foreign_keys_over_encrypted(table: Table) -> Iterable[tuple[ForeignKey, Column[Any]]]:
+    """Each foreign key from or to an encrypted column of ``table`` (the ones from other
+    tables of its metadata included), with that encrypted column."""
+    others = table.metadata.tables.values() if table.metadata is not None else ()
+    for source in (table, *(other for other in others if other is not table)):
+        for key in source.foreign_keys:
+            if isinstance(key.parent.type, KMSEncrypted):
+                yield key, key.parent
+                continue
+            try:
+                target = key.column
+            except sa_exc.NoReferenceError:  # not defined yet: checked again at create
+                continue
+            if isinstance(target.type, KMSEncrypted) and (source is table or target.table is table):
+                yield key, target
+
+
+def refuse_unworkable(table: Table) -> None:
+    """Raise if ``table`` defines something its encrypted columns cannot honour: an
+    encrypted primary key, foreign key, server-side or SQL default, or a unique
+    constraint or index on a randomized column."""
+    for column in table.columns:
+        _check_column(column, table)
+    for constraint in table.constraints:
+        if isinstance(constraint, UniqueConstraint):
+            _check_index(constraint, table)
+    for index in table.indexes:
+        _check_index(index, table)
+    for _key, column in _foreign_keys_over_encrypted(table):
+        raise _foreign_key_refusal(column)
+
+
+def _foreign_key_refusal(column: Column[Any]) -> UnsupportedQueryError:
+    return UnsupportedQueryError(
+        RELATIONSHIP_HINT,
+        operator="foreign key",
+        table=table_scope(column.table) if isinstance(column.table, Table) else None,
+        column=column.name,
+    )
+
+
+def _check_foreign_key(constraint: ForeignKeyConstraint, table: Any) -> None:
+    """A foreign key attached to ``table``: neither its columns nor (when already
+    defined) the columns it references may be encrypted."""
+    for key in constraint.elements:
+        if isinstance(key.parent.type, KMSEncrypted):
+            raise _foreign_key_refusal(key.parent)
+        try:
+            target = key.column
+        except sa_exc.NoReferenceError:  # not defined yet: checked when it is, and at create
+            continue
+        if isinstance(target.type, KMSEncrypted):
+            raise _foreign_key_refusal(target)
+
+
+def _refuse_unworkable_column(column: Column[Any], table: Any) -> None:
+    """``after_parent_attach`` of an encrypted column: check it now, its table once
+    complete and before it is created."""
+    if not isinstance(table, Table) or not isinstance(column.type, KMSEncrypted):
+        return
+    _check_column(column, table)
+    if not event.contains(table, "after_parent_attach", _refuse_unworkable_table):
+        event.listen(table, "after_parent_attach", _refuse_unworkable_table)
+        event.listen(table, "before_create", _refuse_unworkable_table)
+
+
+def _refuse_unworkable_table(table: Table, *args: Any, **kw: Any) -> None:
+    """``after_parent_attach`` (the table is complete) and ``before_create``."""
+    refuse_unworkable(table)
+
+
+event.listen(Index, "after_parent_attach", _check_index)
+event.listen(UniqueConstraint, "after_parent_attach", _check_index)
+event.listen(ForeignKeyConstraint, "after_parent_attach", _check_foreign_key)
 
 
 @event.listens_for(Engine, "handle_error")
@@ -450,6 +634,17 @@ def encrypted_series(tables: Iterable[Table]) -> list[KeySeries]:
             if deterministic in modes
         )
     return found
+
+
+def statement_series(compiled: Any) -> frozenset[KeySeries]:
+    """The key series a compiled statement uses: its encrypted result columns, and
+    the encrypted values and equality operands it binds."""
+    found = set(result_series(compiled))
+    for bind in (getattr(compiled, "binds", None) or {}).values():
+        column_type = getattr(bind.type, "column_type", bind.type)  # SearchTerm's column
+        if isinstance(column_type, KMSEncrypted) and column_type._binding is not None:
+            found.add(column_type._binding.series)
+    return frozenset(found)
 
 
 def result_series(compiled: Any) -> frozenset[KeySeries]:

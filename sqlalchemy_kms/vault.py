@@ -37,19 +37,15 @@ written inside that transaction instead (see :mod:`sqlalchemy_kms._connections`)
 
 from __future__ import annotations
 
-import functools
 import threading
-import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Concatenate, Final, ParamSpec, TypeVar
+from typing import Any, Final
 
-from sqlalchemy import MetaData, Table, event
+from sqlalchemy import MetaData, Table
 from sqlalchemy.engine import Connection, Dialect, Engine
-from sqlalchemy.util.concurrency import in_greenlet
 
-from ._connections import Connections
+from ._connections import Connections, database_work
 from ._format import ALG_DETERMINISTIC, parse_header
 from ._keyloader import KeyLoader
 from ._keys import KeyStore
@@ -62,6 +58,7 @@ from ._keytable import (
     scope_of,
     table_scope,
 )
+from ._statements import StatementHooks
 from .cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
 from .errors import ConfigurationError
 from .lifecycle import backup as backup_jobs
@@ -76,7 +73,7 @@ from .lifecycle.status import TableStatus
 from .lifecycle.verify import VerifyReport
 from .providers.base import KeyProvider
 from .providers.multi import MultiKms
-from .types import VAULT_ATTR, encrypted_series, result_series
+from .types import VAULT_ATTR, encrypted_series
 
 __all__ = [
     "DEFAULT_KEY_TABLE",
@@ -89,30 +86,6 @@ __all__ = [
 
 #: Seconds after which a vault checks the key table again for a newer active key.
 DEFAULT_REFRESH_INTERVAL: Final = 60.0
-
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _database_work(
-    method: Callable[Concatenate[KeyVault, P], R],
-) -> Callable[Concatenate[KeyVault, P], R]:
-    """Refuse, with a clear error, a vault method that reads or writes the database
-    when it is called on an async engine outside ``run_sync`` (where it could only
-    fail with SQLAlchemy's ``MissingGreenlet`` and leave a coroutine never awaited)."""
-
-    @functools.wraps(method)
-    def checked(self: KeyVault, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        if self._is_async and not in_greenlet():
-            raise ConfigurationError(
-                f"vault.{method.__name__}() uses the database of an async engine: call it "
-                "inside run_sync, e.g. async with engine.begin() as conn: await "
-                f"conn.run_sync(lambda _: vault.{method.__name__}(...))"
-            )
-        return method(self, *args, **kwargs)
-
-    return checked
 
 
 def vault_for(dialect: Dialect) -> KeyVault | None:
@@ -218,10 +191,13 @@ class KeyVault:
             unwrapping=lambda: self._unwrapping,
             is_async=self._is_async,
         )
-        self._result_series: weakref.WeakKeyDictionary[Any, frozenset[KeySeries]] = (
-            weakref.WeakKeyDictionary()
+        self.statements = StatementHooks(
+            sync_engine,
+            self.connections,
+            self.keys,
+            self.loader,
+            refresh_interval=self.refresh_interval,
         )
-        self._preloaded: dict[KeySeries, float] = {}
         self._decrypt_failures = 0
         self._guard = threading.Lock()
         self._bind(replace)
@@ -236,6 +212,9 @@ class KeyVault:
 
     # -- binding -------------------------------------------------------------
 
+    def _discard_pending(self, pending: Mapping[Any, Any]) -> None:
+        self.statements.discard_pending(pending)
+
     def _bind(self, replace: bool) -> None:
         dialect = self.engine.dialect
         previous = vault_for(dialect)
@@ -248,32 +227,28 @@ class KeyVault:
             previous.close()
         setattr(dialect, VAULT_ATTR, self)
         self.connections.listen()
-        if self._is_async:
-            event.listen(self.engine, "after_cursor_execute", self._preload_result_keys)
+        self.statements.listen()
 
     def close(self) -> None:
         """Unbind from the engine and forget every cached key."""
         if vault_for(self.engine.dialect) is self:
             delattr(self.engine.dialect, VAULT_ATTR)
         self.connections.close()
-        if event.contains(self.engine, "after_cursor_execute", self._preload_result_keys):
-            event.remove(self.engine, "after_cursor_execute", self._preload_result_keys)
+        self.statements.close()
         self.clear_cache()
 
     def clear_cache(self) -> None:
         """Forget every unwrapped key; the next use asks the provider again."""
-        with self._guard:
-            self._preloaded.clear()
         self.keys.clear()
 
     # -- keys ------------------------------------------------------------------
 
-    @_database_work
+    @database_work
     def create_table(self) -> None:
         """Create the key table if it does not exist (safe to call again)."""
         self.key_table.create(self.engine)
 
-    @_database_work
+    @database_work
     def create_key(self, table: Table | str, *, search: bool = False) -> int:
         """Make sure ``table`` has an active data key (or search key), making one if needed.
 
@@ -282,8 +257,8 @@ class KeyVault:
         """
         return self.loader.active(KeySeries(scope_of(table), search)).key_version
 
-    @_database_work
-    def create_keys(self, tables: MetaData | Iterable[Table]) -> dict[str, dict[str, int]]:
+    @database_work
+    def create_keys(self, tables: MetaData | Table | Iterable[Table]) -> dict[str, dict[str, int]]:
         """Make the keys every encrypted table needs: a data key for randomized
         columns, a search key for deterministic ones.
 
@@ -293,20 +268,24 @@ class KeyVault:
         """
         made: dict[str, dict[str, int]] = {}
         chosen = _tables(tables)
-        self._check_key_table(chosen)
+        self.check_key_table(chosen)
         for series in encrypted_series(chosen):
             version = self.loader.active(series).key_version
             made.setdefault(series.scope, {})[series.purpose] = version
         return made
 
-    def _check_key_table(self, tables: Sequence[Table]) -> None:
-        """Refuse tables whose metadata declares another key table than this vault's:
-        create_all and autogenerate would create (or drop) the wrong one."""
+    def check_key_table(self, tables: Sequence[Table]) -> None:
+        """Raise :class:`~sqlalchemy_kms.errors.ConfigurationError` when the models of
+        encrypted ``tables`` hold another key table than this vault's: ``create_all``
+        and autogenerate would create (or drop) the wrong one. ``create_all`` and
+        :meth:`create_keys` check it first."""
         ours = self.table.fullname
         for table in tables:
             declared = key_table_declaration(table.metadata)
-            if declared is None or declared.fullname in (ours, table.fullname):
+            if declared is None or declared.fullname == ours:
                 continue
+            if not any(dependent is table for dependent in declared.dependents):
+                continue  # no encrypted column: the key table is not its business
             if declared.automatic and self.connections.shared() is not None:
                 continue  # a migration: Alembic builds each table in a MetaData of its own
             schema = "" if self.table.schema is None else f", schema={self.table.schema!r}"
@@ -317,12 +296,12 @@ class KeyVault:
                 f"{self.table.name!r}{schema}), or give the KeyVault the models' key table"
             )
 
-    @_database_work
+    @database_work
     def active_key_version(self, table: Table | str, *, search: bool = False) -> int:
         """The version of the data key (or search key) new values of ``table`` use."""
         return self.loader.active(KeySeries(scope_of(table), search)).key_version
 
-    @_database_work
+    @database_work
     def rotate_key(self, table: Table | str, *, search: bool = False) -> int:
         """Make a new active data key (or, with ``search=True``, search key) for ``table``.
 
@@ -336,15 +315,15 @@ class KeyVault:
         """
         return self.loader.rotate(KeySeries(scope_of(table), search))
 
-    @_database_work
+    @database_work
     def key_versions(self, table: Table | str, *, search: bool = False) -> list[int]:
         """Enabled key versions of ``table``, newest first."""
         with self.engine.connect() as conn:
             rows = self.key_table.enabled(conn, KeySeries(scope_of(table), search))
         return [row.version for row in rows]
 
-    @_database_work
-    def warm_up(self, tables: MetaData | Iterable[Table]) -> int:
+    @database_work
+    def warm_up(self, tables: MetaData | Table | Iterable[Table]) -> int:
         """Unwrap every key the encrypted columns of ``tables`` may need, now.
 
         Makes missing keys, loads every version of each table's data and
@@ -383,10 +362,10 @@ class KeyVault:
         self.keys.forget(series)  # the key table's word, not this process's memory
         return self.loader.active(series).key_version
 
-    @_database_work
+    @database_work
     def reencrypt(
         self,
-        table: Table,
+        table: Table | MetaData | Sequence[Table],
         *,
         columns: Sequence[str] | None = None,
         batch_size: int = 1000,
@@ -402,10 +381,24 @@ class KeyVault:
         lost; killed and run again, it resumes; run again when finished, it
         changes nothing. ``progress`` is called after each batch with a
         :class:`~sqlalchemy_kms.lifecycle.Progress`. Returns the final one.
+
+        Given a ``MetaData`` or a list of tables, each table with encrypted
+        columns is re-encrypted in turn (``columns`` then names columns of any
+        of them), and the returned progress adds them up.
         """
-        return column_jobs.reencrypt(
+        if isinstance(table, Table):
+            return column_jobs.reencrypt(
+                self.connections,
+                table,
+                self._active_version,
+                columns=columns,
+                batch_size=batch_size,
+                progress=progress,
+                connection=connection,
+            )
+        return column_jobs.reencrypt_tables(
             self.connections,
-            table,
+            _tables(table),
             self._active_version,
             columns=columns,
             batch_size=batch_size,
@@ -413,7 +406,7 @@ class KeyVault:
             connection=connection,
         )
 
-    @_database_work
+    @database_work
     def encrypt_column(
         self,
         table: Table,
@@ -442,7 +435,7 @@ class KeyVault:
             connection=connection,
         )
 
-    @_database_work
+    @database_work
     def decrypt_column(
         self,
         table: Table,
@@ -462,13 +455,13 @@ class KeyVault:
             connection=connection,
         )
 
-    @_database_work
+    @database_work
     def status(self, tables: MetaData | Table | Sequence[Table]) -> list[TableStatus]:
         """Per table: key versions, their state and master key, and rows per version
         per column (counted by the database from the stored headers)."""
         return status_jobs.status(self.key_table, self.connections, _tables(tables))
 
-    @_database_work
+    @database_work
     def verify(
         self, tables: MetaData | Table | Sequence[Table], *, batch_size: int = 1000, shown: int = 5
     ) -> VerifyReport:
@@ -477,7 +470,7 @@ class KeyVault:
         :class:`~sqlalchemy_kms.lifecycle.verify.VerifyReport`."""
         return verify_jobs.verify(self.engine, _tables(tables), batch_size=batch_size, shown=shown)
 
-    @_database_work
+    @database_work
     def retire_key(self, table: Table, version: int, *, search: bool = False) -> None:
         """Retire key ``version`` of ``table``. Refused
         (:class:`~sqlalchemy_kms.errors.KeyLifecycleError`) while it is active,
@@ -489,7 +482,7 @@ class KeyVault:
         )
         self.keys.forget(series)
 
-    @_database_work
+    @database_work
     def check_destroyable(self, table: Table | str, version: int, *, search: bool = False) -> None:
         """Raise :class:`~sqlalchemy_kms.errors.KeyLifecycleError` unless key ``version``
         of ``table`` may be destroyed now (before asking a person to confirm)."""
@@ -498,7 +491,7 @@ class KeyVault:
             self.key_table, self.connections, series, version, grace=self.grace_period
         )
 
-    @_database_work
+    @database_work
     def destroy_key(
         self, table: Table | str, version: int, *, search: bool = False, confirm: bool = False
     ) -> None:
@@ -522,7 +515,7 @@ class KeyVault:
         )
         self.keys.invalidate(series, version)
 
-    @_database_work
+    @database_work
     def rewrap(self, provider: KeyProvider, *, table: Table | str | None = None) -> int:
         """Re-wrap every data key (or one table's) under ``provider``; no row is touched.
 
@@ -543,12 +536,12 @@ class KeyVault:
             self.provider = provider
         return done
 
-    @_database_work
+    @database_work
     def export_keys(self) -> dict[str, Any]:
         """The key table as JSON-ready data (wrapped keys only: safe to back up)."""
         return backup_jobs.export_keys(self.key_table, self.connections)
 
-    @_database_work
+    @database_work
     def import_keys(
         self,
         data: Mapping[str, Any],
@@ -579,16 +572,18 @@ class KeyVault:
     def stats(self) -> dict[str, int]:
         """Counters for metrics.
 
-        ``cache_entries``; ``cache_misses`` (keys unwrapped through the
-        provider) and ``cache_hits`` (key lookups of the resolution path that
-        found the key in memory; the per-value fast path, one dictionary hit,
-        is not counted); ``decrypt_failures`` (stored values that raised
+        ``cache_entries`` (unwrapped keys held); ``encrypted_statements``
+        (statements that used encrypted columns) and ``cache_hits`` (those of
+        them that needed no KMS call: counted once per statement, so the
+        per-value hot path pays nothing); ``cache_misses`` (keys unwrapped
+        through the provider); ``decrypt_failures`` (stored values that raised
         instead of decrypting); ``kms_<Operation>`` (provider calls by
         operation).
         """
         counters = {
             "cache_entries": len(self.keys),
-            "cache_hits": self.keys.cache.hits,
+            "encrypted_statements": self.statements.statements,
+            "cache_hits": self.statements.hits,
             "cache_misses": self.keys.cache.misses,
             "decrypt_failures": self._decrypt_failures,
         }
@@ -629,52 +624,7 @@ class KeyVault:
         with self.connections.using(connection):
             yield connection
 
-    def _discard_pending(self, pending: Mapping[Any, Any]) -> None:
-        """Keys made inside a transaction that rolled back never existed: drop them."""
-        for key, cipher in pending.items():
-            if isinstance(key, tuple) and isinstance(key[0], KeySeries):
-                series, version = key
-                if self.keys.get(series, version) is cipher:
-                    self.keys.invalidate(series, version)
-
     def shares(self, connection: Connection) -> bool:
         """Whether key-table work in this thread or task runs on ``connection`` now
         (inside :meth:`using`, when the connection is open and of this engine)."""
         return self.connections.shared() is connection
-
-    # -- async engines -------------------------------------------------------------
-
-    def _preload_result_keys(
-        self,
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
-    ) -> None:
-        """Async engines: load the keys a statement's encrypted result columns need
-        while the statement still runs inside SQLAlchemy's greenlet.
-
-        Rows of an async result are decoded after the ``await``, where the key
-        table can no longer be queried; the keys must be in memory by then.
-        """
-        compiled = getattr(context, "compiled", None)
-        if compiled is None:
-            return
-        needed = self._result_series.get(compiled)
-        if needed is None:
-            needed = self._result_series[compiled] = result_series(compiled)
-        now = time.monotonic()
-        for series in needed:
-            if now >= self._preloaded.get(series, 0.0) or self.keys.fresh(series) is None:
-                self.loader.preload(series)
-                with self._guard:
-                    self._preloaded[series] = now + self.refresh_interval
-                    if len(self._preloaded) > 2 * self.keys.cache.max_entries:
-                        self._preloaded.clear()  # bookkeeping stays bounded
-        # keys made inside this connection's transaction (SQLite) are not in the key
-        # table for other connections yet: readable here, dropped if it rolls back
-        for key, cipher in self.connections.pending_items(conn).items():
-            if isinstance(key, tuple) and isinstance(key[0], KeySeries) and key[0] in needed:
-                self.keys.put(key[0], cipher)

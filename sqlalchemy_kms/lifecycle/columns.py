@@ -33,7 +33,7 @@ from ..errors import InvalidCiphertextError, KeyLifecycleError
 from ..types import KMSEncrypted, encrypted_columns
 from .rewrite import Progress, ProgressCallback, Transform, rewrite_rows
 
-__all__ = ["chosen_columns", "decrypt_column", "encrypt_column", "reencrypt"]
+__all__ = ["chosen_columns", "decrypt_column", "encrypt_column", "reencrypt", "reencrypt_tables"]
 
 #: The active version of a key series (made if it has none).
 ActiveVersion = Callable[[KeySeries], int]
@@ -271,3 +271,35 @@ def decrypt_column(
             connection=connection,
             new_value_type=value_type,
         )
+
+
+def reencrypt_tables(
+    connections: Connections,
+    tables: Sequence[Table],
+    active_version: ActiveVersion,
+    *,
+    columns: Sequence[str] | None = None,
+    batch_size: int = 1000,
+    progress: ProgressCallback | None = None,
+    connection: Connection | None = None,
+) -> Progress:
+    """:func:`reencrypt` each table of ``tables`` that has encrypted columns, in turn;
+    ``columns`` names columns of any of them. The returned progress adds them up."""
+    chosen = [table for table in tables if encrypted_columns(table)]
+    total = Progress(table=", ".join(table_scope(table) for table in chosen), total=0)
+    for table in chosen:
+        names = None if columns is None else [name for name in columns if name in table.c]
+        done = reencrypt(
+            connections,
+            table,
+            active_version,
+            columns=names,
+            batch_size=batch_size,
+            progress=progress,
+            connection=connection,
+        )
+        total.total += done.total
+        total.scanned += done.scanned
+        total.rewritten += done.rewritten
+        total.conflicts += done.conflicts
+    return total

@@ -1,0 +1,128 @@
+"""What a vault does around each statement of its engine: count, preload, let go.
+
+:class:`StatementHooks` listens to the engine's ``after_cursor_execute``:
+
+* it counts the statements that use encrypted columns, and how many of them
+  needed no KMS call (``stats()["cache_hits"]``): one count per statement, so
+  the per-value hot path pays nothing for it;
+* on an async engine, it loads the keys the statement's encrypted result
+  columns need while the statement still runs inside SQLAlchemy's greenlet:
+  rows of an async result are decoded after the ``await``, where the key
+  table can no longer be queried;
+* and it drops the keys made inside a transaction that rolled back (they never
+  existed for anyone else).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from ._connections import Connections
+from ._keyloader import KeyLoader
+from ._keys import KeyStore
+from ._keytable import KeySeries
+from .types import result_series, statement_series
+
+__all__ = ["StatementHooks"]
+
+
+class StatementHooks:
+    """The per-statement work of one vault's engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        connections: Connections,
+        store: KeyStore,
+        loader: KeyLoader,
+        *,
+        refresh_interval: float,
+    ) -> None:
+        self.engine = engine
+        self.connections = connections
+        self.store = store
+        self.loader = loader
+        self.refresh_interval = refresh_interval
+        self.is_async = bool(engine.dialect.is_async)
+        #: Statements that used encrypted columns, and those of them that needed no KMS call.
+        self.statements = 0
+        self.hits = 0
+        self._misses_seen = 0
+        self._guard = threading.Lock()
+        self._series: weakref.WeakKeyDictionary[Any, tuple[frozenset[KeySeries], ...]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._preloaded: dict[KeySeries, float] = {}
+
+    def listen(self) -> None:
+        """Install the engine event."""
+        event.listen(self.engine, "after_cursor_execute", self._after_execute)
+
+    def close(self) -> None:
+        """Remove the engine event."""
+        if event.contains(self.engine, "after_cursor_execute", self._after_execute):
+            event.remove(self.engine, "after_cursor_execute", self._after_execute)
+        with self._guard:
+            self._preloaded.clear()
+
+    def _after_execute(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        compiled = getattr(context, "compiled", None)
+        if compiled is None:
+            return
+        found = self._series.get(compiled)
+        if found is None:
+            found = self._series[compiled] = (
+                statement_series(compiled),
+                result_series(compiled),
+            )
+        used, results = found
+        if used:
+            self._count()
+        if self.is_async and results:
+            self._preload(conn, results)
+
+    def _count(self) -> None:
+        misses = self.store.cache.misses
+        with self._guard:
+            self.statements += 1
+            if misses == self._misses_seen:
+                self.hits += 1
+            self._misses_seen = misses
+
+    def _preload(self, conn: Connection, needed: frozenset[KeySeries]) -> None:
+        now = time.monotonic()
+        for series in needed:
+            if now >= self._preloaded.get(series, 0.0) or self.store.fresh(series) is None:
+                self.loader.preload(series)
+                with self._guard:
+                    self._preloaded[series] = now + self.refresh_interval
+                    if len(self._preloaded) > 2 * self.store.cache.max_entries:
+                        self._preloaded.clear()  # bookkeeping stays bounded
+        # keys made inside this connection's transaction (SQLite) are not in the key
+        # table for other connections yet: readable here, dropped if it rolls back
+        for key, cipher in self.connections.pending_items(conn).items():
+            if isinstance(key, tuple) and isinstance(key[0], KeySeries) and key[0] in needed:
+                self.store.put(key[0], cipher)
+
+    def discard_pending(self, pending: Mapping[Any, Any]) -> None:
+        """Keys made inside a transaction that rolled back never existed: drop them."""
+        for key, cipher in pending.items():
+            if isinstance(key, tuple) and isinstance(key[0], KeySeries):
+                series, version = key
+                if self.store.get(series, version) is cipher:
+                    self.store.invalidate(series, version)

@@ -1,0 +1,87 @@
+"""Common mistakes get a clear error, and the vault's methods take tables in every form."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sqlalchemy_kms import KeyVault, KMSEncrypted, LocalKms
+from sqlalchemy_kms.errors import ConfigurationError
+
+
+def _tables() -> tuple[MetaData, Table, Table]:
+    metadata = MetaData()
+    first = Table(
+        "mk_first",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("name", KMSEncrypted(String(40))),
+    )
+    second = Table(
+        "mk_second",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column("email", KMSEncrypted(String(40), deterministic=True)),
+    )
+    return metadata, first, second
+
+
+def test_a_second_vault_on_an_engine_is_refused_unless_asked_for(engine: Engine) -> None:
+    first = KeyVault(engine, LocalKms(bytes(32)))
+    with pytest.raises(ConfigurationError, match=r"already has a vault.*replace=True"):
+        KeyVault(engine, LocalKms(bytes(range(32))))
+    assert first.stats()["cache_entries"] == 0  # the first one is still bound and whole
+    second = KeyVault(engine, LocalKms(bytes(range(32))), replace=True)
+    second.close()
+    third = KeyVault(engine, LocalKms(bytes(32)))  # after close(): allowed
+    third.close()
+
+
+def test_methods_that_take_tables_take_a_table_a_list_or_metadata(engine: Engine) -> None:
+    vault = KeyVault(engine, LocalKms(bytes(32)))
+    vault.create_table()
+    metadata, first, second = _tables()
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(first.insert(), [{"id": i, "name": f"n{i}"} for i in range(1, 4)])
+        conn.execute(second.insert(), [{"id": i, "email": f"e{i}"} for i in range(1, 3)])
+    for tables in (first, [first], metadata):
+        [report] = [t for t in vault.status(tables) if t.table == "mk_first"]
+        assert report.columns[0].rows_by_version == {1: 3}
+        assert vault.verify(tables).ok
+        assert "mk_first" in vault.create_keys(tables)
+        assert vault.warm_up(tables) >= 1
+    vault.rotate_key(first)
+    vault.rotate_key(second, search=True)
+    done = vault.reencrypt(metadata)
+    assert (done.total, done.rewritten) == (5, 5)
+    assert vault.reencrypt([first, second]).rewritten == 0
+    assert vault.reencrypt(first).rewritten == 0
+    vault.close()
+
+
+def test_cache_hits_count_statements_served_from_memory(engine: Engine) -> None:
+    vault = KeyVault(engine, LocalKms(bytes(32)))
+    vault.create_table()
+    metadata, first, _ = _tables()
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(first.insert(), [{"id": i, "name": f"n{i}"} for i in range(1, 101)])
+    before = vault.stats()
+    for _ in range(10):
+        with Session(engine) as session:
+            assert len(session.execute(select(first.c.name)).all()) == 100
+    after = vault.stats()
+    assert after["encrypted_statements"] - before["encrypted_statements"] == 10
+    assert after["cache_hits"] - before["cache_hits"] == 10
+    assert after["cache_misses"] == before["cache_misses"]
+    vault.clear_cache()  # the next statement needs the KMS again: not a hit
+    with engine.connect() as conn:
+        conn.execute(select(first.c.name)).all()
+        conn.execute(select(first.c.name)).all()
+    final = vault.stats()
+    assert final["encrypted_statements"] - after["encrypted_statements"] == 2
+    assert final["cache_hits"] - after["cache_hits"] == 1
+    vault.close()
