@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import Column, Integer, MetaData, String, Table, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sqlalchemy_kms import KeyVault, KMSEncrypted, LocalKms
+from sqlalchemy_kms import AwsKms, KeyVault, KMSEncrypted, LocalKms
+from sqlalchemy_kms.cli import cli
 from sqlalchemy_kms.errors import ConfigurationError
 
 
@@ -26,6 +30,9 @@ def _tables() -> tuple[MetaData, Table, Table]:
         Column("email", KMSEncrypted(String(40), deterministic=True)),
     )
     return metadata, first, second
+
+
+MODELS = _tables()[0]
 
 
 def test_a_second_vault_on_an_engine_is_refused_unless_asked_for(engine: Engine) -> None:
@@ -85,3 +92,64 @@ def test_cache_hits_count_statements_served_from_memory(engine: Engine) -> None:
     assert final["encrypted_statements"] - after["encrypted_statements"] == 2
     assert final["cache_hits"] - after["cache_hits"] == 1
     vault.close()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # closed again when the block ends
+
+
+@pytest.mark.aws_kms
+def test_verify_with_kms_down_says_so_once_and_counts_apart(
+    engine: Engine, vault: KeyVault, cmk: dict[str, str], tmp_path: Any
+) -> None:
+    metadata, first, second = _tables()
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(first.insert(), [{"id": i, "name": f"n{i}"} for i in range(1, 41)])
+        conn.execute(second.insert(), [{"id": i, "email": f"e{i}"} for i in range(1, 41)])
+    vault.close()
+    down = AwsKms(
+        cmk["arn"],
+        endpoint_url=f"http://127.0.0.1:{_closed_port()}",
+        region_name="us-east-1",
+        connect_timeout=0.5,
+        max_attempts=1,
+    )
+    reader = KeyVault(engine, down)
+    try:
+        report = reader.verify(metadata)
+    finally:
+        reader.close()
+    assert report.failures == 0
+    assert report.unchecked == report.values == 80
+    assert len(report.kms_problems) == 2  # one line per key, not one per value
+    assert all(line.startswith("cannot reach KMS: mk_") for line in report.kms_problems)
+    assert not report.ok
+    # the command line: the problem once per key, its own exit status
+    url = engine.url.render_as_string(hide_password=False)
+    if url.startswith("sqlite:///"):
+        result = CliRunner().invoke(
+            cli,
+            [
+                "verify",
+                "--db",
+                url,
+                "--kms",
+                f"aws-kms://{cmk['arn']}",
+                "--models",
+                "tests.test_mistakes:MODELS",
+            ],
+            env={
+                "AWS_ENDPOINT_URL_KMS": down.client.meta.endpoint_url,
+                "AWS_MAX_ATTEMPTS": "1",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            },
+        )
+        assert result.exit_code == 3, result.output
+        assert result.output.count("cannot reach KMS") == 2
+        assert "NOT CHECKED: 80 of 80" in result.output
+        assert "FAILED" not in result.output

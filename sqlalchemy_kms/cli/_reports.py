@@ -23,6 +23,8 @@ from ._output import echo_json, spread, table_lines
 
 __all__ = ["status", "verify"]
 
+#: Exit status of ``verify`` when values could not be checked (the KMS) and none failed.
+VERIFY_UNCHECKED: Final = 3
 #: Failed rows listed per column by ``verify`` unless ``--show`` says otherwise.
 SHOWN_FAILURES: Final = 20
 
@@ -173,12 +175,19 @@ def _print_verify(report: VerifyReport) -> None:
             more = column.failures - len(column.failed)
             if more > 0:
                 click.echo(f"    {where}: ... and {more} more")
+    for problem in report.kms_problems:
+        click.echo(f"  {problem}")
     if report.failures:
         click.echo(
             f"FAILED: {report.failures} of {report.values} stored value(s) did not decrypt "
             f"({', '.join(report.failed_columns)})"
         )
-    else:
+    if report.unchecked:
+        click.echo(
+            f"NOT CHECKED: {report.unchecked} of {report.values} stored value(s): their key "
+            "could not be had from the KMS (see above); this says nothing of the values"
+        )
+    if not report.failures and not report.unchecked:
         click.echo(
             f"OK: all {report.values} stored value(s) in {len(report.tables)} table(s) decrypt"
         )
@@ -204,13 +213,22 @@ def _print_verify(report: VerifyReport) -> None:
 def verify(
     ctx: click.Context, table_names: tuple[str, ...], batch_size: int, shown: int, as_json: bool
 ) -> None:
-    """Decrypt every stored value of the encrypted tables; exit 1 if any fails.
+    """Decrypt every stored value of the encrypted tables.
 
     Reads each table by primary key in batches and decrypts every value of
     every encrypted column (the values are checked, never printed). Reports
     rows per key version and, for each value that does not decrypt, its
-    primary key and the error class. Use it after a restore, an import, a
-    rewrap or before destroying a key.
+    primary key and the error class. A key the KMS does not give (unreachable,
+    access denied) is said once, and its values are counted as not checked,
+    apart from values that fail. Use it after a restore, an import, a rewrap
+    or before destroying a key.
+
+    \b
+    Exit status:
+      0  every value decrypted
+      1  some value did not decrypt (damaged, altered, or its key destroyed)
+      3  no value failed, but some could not be checked: the KMS could not be
+         reached or denied access
     """
     cli = ctx.ensure_object(CliContext)
     tables = cli.tables(table_names)
@@ -220,5 +238,7 @@ def verify(
         echo_json(report.as_dict())
     else:
         _print_verify(report)
-    if not report.ok:
+    if report.failures:
         ctx.exit(1)
+    if report.unchecked:
+        ctx.exit(VERIFY_UNCHECKED)

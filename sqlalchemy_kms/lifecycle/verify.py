@@ -35,7 +35,14 @@ from sqlalchemy import Column, Table, select
 
 from .._format import ALG_DETERMINISTIC, ALG_RANDOMIZED, parse_header
 from .._keytable import table_scope
-from ..errors import InvalidCiphertextError, KMSError, SQLAlchemyKMSError, UnknownKeyVersionError
+from ..errors import (
+    InvalidCiphertextError,
+    KMSAccessDeniedError,
+    KMSError,
+    KMSUnavailableError,
+    SQLAlchemyKMSError,
+    UnknownKeyVersionError,
+)
 from ..types import KMSEncrypted, encrypted_columns
 from .rewrite import raw, walk_rows
 from .status import other_mode_advice
@@ -80,6 +87,10 @@ class ColumnCheck:
     #: before the column became deterministic; equality cannot find them), or the
     #: reverse. ``reencrypt`` converts them.
     other_mode_rows: int = 0
+    #: Values that could not be checked: their key could not be had from the KMS
+    #: (unreachable, access denied, key disabled). Not failures: see
+    #: :attr:`VerifyReport.kms_problems`.
+    unchecked: int = 0
     #: Values that did not decrypt (all are counted; ``failed`` lists the first few).
     failures: int = 0
     failed: list[FailedValue] = field(default_factory=list)
@@ -110,6 +121,7 @@ class ColumnCheck:
             "null_rows": self.null_rows,
             "other_rows": self.other_rows,
             "other_mode_rows": self.other_mode_rows,
+            "unchecked": self.unchecked,
             "failures": self.failures,
             "failed_rows": [failed.as_dict() for failed in self.failed],
         }
@@ -122,6 +134,13 @@ class TableCheck:
     table: str
     rows: int = 0
     columns: list[ColumnCheck] = field(default_factory=list)
+    #: One line per key the KMS did not give: the key, its master key and the error.
+    kms_problems: list[str] = field(default_factory=list)
+
+    @property
+    def unchecked(self) -> int:
+        """Values that could not be checked in all columns (their key was not had)."""
+        return sum(column.unchecked for column in self.columns)
 
     @property
     def values(self) -> int:
@@ -135,8 +154,8 @@ class TableCheck:
 
     @property
     def ok(self) -> bool:
-        """Whether every value of the table decrypted."""
-        return self.failures == 0
+        """Whether every value of the table was checked and decrypted."""
+        return self.failures == 0 and self.unchecked == 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready data."""
@@ -144,6 +163,8 @@ class TableCheck:
             "table": self.table,
             "rows": self.rows,
             "failures": self.failures,
+            "unchecked": self.unchecked,
+            "kms_problems": list(self.kms_problems),
             "columns": [column.as_dict() for column in self.columns],
         }
 
@@ -165,9 +186,19 @@ class VerifyReport:
         return sum(table.failures for table in self.tables)
 
     @property
+    def unchecked(self) -> int:
+        """Values that could not be checked (their key was not had from the KMS)."""
+        return sum(table.unchecked for table in self.tables)
+
+    @property
+    def kms_problems(self) -> list[str]:
+        """One line per key the KMS did not give, in all tables."""
+        return [problem for table in self.tables for problem in table.kms_problems]
+
+    @property
     def ok(self) -> bool:
-        """Whether every stored value decrypted."""
-        return self.failures == 0
+        """Whether every stored value was checked and decrypted."""
+        return self.failures == 0 and self.unchecked == 0
 
     @property
     def failed_columns(self) -> list[str]:
@@ -181,7 +212,13 @@ class VerifyReport:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready data (primary key values as the database returned them)."""
-        return {"ok": self.ok, "tables": [table.as_dict() for table in self.tables]}
+        return {
+            "ok": self.ok,
+            "failures": self.failures,
+            "unchecked": self.unchecked,
+            "kms_problems": self.kms_problems,
+            "tables": [table.as_dict() for table in self.tables],
+        }
 
 
 def verify(
@@ -244,6 +281,20 @@ def _header(stored: Any) -> tuple[int, int] | None:
         return None
 
 
+def _kms_problem(table: str, error: KMSError) -> str:
+    """One line for a key the KMS did not give: which key, which master key, why."""
+    what = (
+        "access denied"
+        if isinstance(error, KMSAccessDeniedError)
+        else "cannot reach KMS"
+        if isinstance(error, KMSUnavailableError)
+        else "KMS refused"
+    )
+    version = f" key version {error.key_version}" if error.key_version is not None else ""
+    master = f" (master key {error.master_key_id})" if error.master_key_id else ""
+    return f"{what}: {table}{version}{master}: {type(error).__name__}: {_reason(error)}"
+
+
 def _reason(error: BaseException) -> str | None:
     if not isinstance(error, SQLAlchemyKMSError):
         return None  # another error's message may quote the value: only its class is told
@@ -288,7 +339,12 @@ def _verify_table(engine: Engine, table: Table, batch_size: int, shown: int) -> 
                             failure, (KMSError, UnknownKeyVersionError)
                         ):
                             broken_keys[header] = failure
+                            if isinstance(failure, KMSError):
+                                check.kms_problems.append(_kms_problem(check.table, failure))
                 if error is None:
+                    continue
+                if isinstance(error, KMSError):
+                    found.unchecked += 1  # the KMS said nothing of the value itself
                     continue
                 found.failures += 1
                 if len(found.failed) < shown:
