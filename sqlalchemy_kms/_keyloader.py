@@ -26,7 +26,7 @@ from ._connections import Connections
 from ._keys import KeyStore
 from ._keytable import KeyRow, KeySeries, KeyTable
 from .audit import key_event, kms_call
-from .errors import UnknownKeyVersionError
+from .errors import ConfigurationError, UnknownKeyVersionError
 from .providers.base import KeyProvider, encryption_context
 
 __all__ = ["KeyLoader"]
@@ -67,7 +67,12 @@ class KeyLoader:
     # -- making keys -------------------------------------------------------------
 
     def make(self, conn: Connection, series: KeySeries, version: int) -> DataKeyCipher:
-        """Make key ``version`` of ``series`` with the provider and insert it on ``conn``."""
+        """Make key ``version`` of ``series`` with the provider and insert it on ``conn``.
+
+        A key is inserted only under a master key the unwrapping provider owns:
+        a row this vault would refuse to unwrap later is never written, nor a
+        value encrypted under it now.
+        """
         context = encryption_context(series.scope, series.purpose, version)
         provider = self._provider()
         generated = kms_call(
@@ -76,6 +81,17 @@ class KeyLoader:
             provider.master_key_id,
             lambda: provider.generate_data_key(context),
         )
+        unwrapping = self._unwrapping()
+        if not unwrapping.owns(generated.master_key_id, resolve=True):
+            raise ConfigurationError(
+                f"{provider!r} made a key under master key {generated.master_key_id}, which "
+                f"{unwrapping!r} does not own, so this vault could not read it back: a "
+                "provider's owns() must answer for every master key id its calls return",
+                table=series.scope,
+                key_version=version,
+                master_key_id=generated.master_key_id,
+                operation="GenerateDataKey",
+            )
         self.keys.insert(
             conn,
             series,
@@ -124,7 +140,15 @@ class KeyLoader:
     # -- unwrapping ---------------------------------------------------------------
 
     def unwrap(self, row: KeyRow) -> DataKeyCipher:
-        """Unwrap one key row through the provider (one KMS call)."""
+        """Unwrap one key row through the provider (one KMS call).
+
+        Every key row, the active key and older versions alike, comes through
+        here. The provider uses only rows of the master keys it was given
+        (:meth:`~sqlalchemy_kms.providers.base.KeyProvider.unwrap`): any other
+        raises :class:`~sqlalchemy_kms.errors.ForeignMasterKeyError` before
+        the key is unwrapped (the audit trail records the call with that
+        outcome, as a warning); nothing is encrypted or decrypted under it.
+        """
         context = encryption_context(row.series.scope, row.series.purpose, row.version)
         provider = self._unwrapping()
         plaintext = kms_call(

@@ -19,6 +19,7 @@ catches everything the library refuses or fails at::
         ├── KMSKeyDisabledError       DisabledException, KMSInvalidStateException
         ├── KMSKeyNotFoundError       NotFoundException
         ├── KMSInvalidCiphertextError the master key refused the wrapped data key
+        │   └── ForeignMasterKeyError a key row of a master key the provider was not given
         └── KMSUnavailableError       the KMS could not be reached or kept throttling
 
 Errors carry what they are about as attributes (``table``, ``column``,
@@ -44,6 +45,7 @@ __all__ = [
     "ConfigurationError",
     "DecryptionError",
     "EncryptionError",
+    "ForeignMasterKeyError",
     "InvalidCiphertextError",
     "KMSAccessDeniedError",
     "KMSError",
@@ -226,6 +228,34 @@ class KMSKeyNotFoundError(KMSError):
 class KMSInvalidCiphertextError(KMSError):
     """The master key could not unwrap the stored data key: a wrong master key,
     a wrong encryption context, or a damaged wrapped key."""
+
+
+class ForeignMasterKeyError(KMSInvalidCiphertextError):
+    """A key row is wrapped under a master key the provider was not given: refused
+    before it is unwrapped or used.
+
+    A provider uses only keys wrapped by its own master key (AWS KMS: the
+    configured key and the key ARN behind it) and by the master keys named
+    with it in a :class:`~sqlalchemy_kms.providers.multi.MultiKms` (the old
+    key of a rewrap). Any other row is either a master key to name (the
+    vault was opened with the wrong key, or a rewrap's old key is missing)
+    or a row that someone with write access to the key table inserted to
+    have new values encrypted under a data key of their own.
+    ``master_key_id`` is the master key the row records (or, when the KMS
+    answered with another key than the row names, the one it answered with).
+    """
+
+    def _render(self) -> str:
+        parts = [f"{self.operation or 'unwrap'} refused"]
+        if self.table and self.column:
+            parts.append(f"for column {self.table}.{self.column}")
+        elif self.table:
+            parts.append(f"for table {self.table}")
+        if self.key_version is not None:
+            parts.append(f"key version {self.key_version}")
+        if self.master_key_id:
+            parts.append(f"master key {self.master_key_id}")
+        return " ".join(parts) + f": {self.reason}"
 
 
 class KMSUnavailableError(KMSError):

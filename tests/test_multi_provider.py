@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, select, text
 
 from sqlalchemy_kms import AwsKms, KeyVault, KMSEncrypted, LocalKms
-from sqlalchemy_kms.errors import ConfigurationError, KMSError
+from sqlalchemy_kms.errors import ForeignMasterKeyError, KMSInvalidCiphertextError
 from sqlalchemy_kms.providers import KeyProvider, MultiKms, base, local, multi, uri
 
 from .helpers import kms_client
@@ -65,14 +65,14 @@ def test_owns_any_member_key_and_nothing_else() -> None:
     assert kms.provider_for(second.master_key_id) is second
 
 
-def test_a_master_key_no_member_holds_is_a_configuration_error() -> None:
+def test_a_master_key_no_member_holds_is_refused_as_foreign() -> None:
     held, stranger = LocalKms(os.urandom(32)), LocalKms(os.urandom(32))
     plaintext, wrapped, master_key_id = made_under(stranger)
     kms = MultiKms(held)
-    with pytest.raises(ConfigurationError) as info:
+    with pytest.raises(ForeignMasterKeyError) as info:
         kms.unwrap(wrapped, {"table": "patients", "key_version": "3"}, master_key_id)
     error = info.value
-    assert not isinstance(error, KMSError)
+    assert isinstance(error, KMSInvalidCiphertextError)  # a wrong master key, as ever
     assert error.master_key_id == master_key_id
     assert error.table == "patients" and error.key_version == 3
     assert error.operation == "Decrypt"
@@ -82,7 +82,7 @@ def test_a_master_key_no_member_holds_is_a_configuration_error() -> None:
         assert secret.hex() not in message
         assert base64.b64encode(secret).decode() not in message
     assert kms.calls == {"Decrypt": 1} and held.calls == {}
-    with pytest.raises(ConfigurationError, match=master_key_id):
+    with pytest.raises(ForeignMasterKeyError, match=master_key_id):
         kms.provider_for(master_key_id)
 
 
@@ -181,7 +181,7 @@ def test_aws_members_named_by_alias_find_their_keys_by_arn(
     assert first_kms.calls == {"DescribeKey": 1}
     assert second_kms.calls == {"DescribeKey": 1, "Decrypt": 2}
     assert kms.owns(second["Arn"])
-    with pytest.raises(ConfigurationError, match=stranger["Arn"]):
+    with pytest.raises(ForeignMasterKeyError, match=stranger["Arn"]):
         kms.unwrap(made["CiphertextBlob"], CONTEXT, stranger["Arn"])
     assert first_kms.calls["DescribeKey"] == second_kms.calls["DescribeKey"] == 1
 

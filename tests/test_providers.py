@@ -20,6 +20,7 @@ from botocore.stub import Stubber
 
 from sqlalchemy_kms import AwsKms, LocalKms
 from sqlalchemy_kms.errors import (
+    ForeignMasterKeyError,
     KMSAccessDeniedError,
     KMSError,
     KMSInvalidCiphertextError,
@@ -446,6 +447,26 @@ def test_the_base_owns_only_the_master_key_id() -> None:
     assert provider.provider_for("anything") is provider  # a single provider is asked for all
 
 
+def test_the_base_unwraps_keys_of_its_own_master_key_only() -> None:
+    """A key row naming another master key is refused before the hook runs."""
+    provider, other = HookOnlyKms(0x55), HookOnlyKms(0x56)
+    made = other.generate_data_key(CONTEXT)
+    with pytest.raises(ForeignMasterKeyError) as info:
+        provider.unwrap(made.wrapped, CONTEXT, made.master_key_id)
+    assert isinstance(info.value, KMSInvalidCiphertextError)
+    assert info.value.master_key_id == "hook-only:86"
+    assert (info.value.table, info.value.key_version) == ("patients", 1)
+    assert "hook-only:85" in str(info.value)
+    assert provider.hooks == []  # never unwrapped
+    assert provider.calls == {"Decrypt": 1}
+    for secret in key_forms(made.plaintext) + key_forms(made.wrapped):
+        assert secret not in str(info.value)
+    # nor re-wrapped from a source that does not own it
+    with pytest.raises(ForeignMasterKeyError):
+        HookOnlyKms(0x57).rewrap_from(provider, made.wrapped, CONTEXT, made.master_key_id)
+    assert provider.hooks == []
+
+
 # == AwsKms (moto server over HTTP) =======================================================
 
 
@@ -602,6 +623,123 @@ def test_aws_configured_by_key_arn_needs_no_describe_key(
     assert provider.owns(cmk["arn"])
     assert not provider.owns(other["arn"], resolve=True)
     assert provider.calls == {}
+
+
+# -- only keys of its own master key: before and after Decrypt ----------------------------
+
+
+def decrypt_key_ids(client: Any) -> list[str]:
+    """The ``KeyId`` of every Decrypt the client sends."""
+    sent: list[str] = []
+    client.meta.events.register(
+        "provide-client-params.kms.Decrypt", lambda params, **kw: sent.append(params["KeyId"])
+    )
+    return sent
+
+
+def test_aws_refuses_a_key_of_another_master_key_before_decrypt(
+    kms: AwsKms, kms_endpoint: str
+) -> None:
+    other = second_cmk(kms_endpoint)
+    theirs = AwsKms(other["arn"], client=kms_client(kms_endpoint)).generate_data_key(CONTEXT)
+    kms.generate_data_key(CONTEXT)  # knows its key ARN now
+    with pytest.raises(ForeignMasterKeyError) as info:
+        kms.unwrap(theirs.wrapped, CONTEXT, theirs.master_key_id)
+    assert info.value.master_key_id == other["arn"]
+    assert info.value.operation == "Decrypt"
+    assert kms.counter.calls == {"GenerateDataKey": 1}  # type: ignore[attr-defined]
+    for secret in key_forms(theirs.plaintext):
+        assert secret not in str(info.value)
+
+
+def test_aws_decrypt_names_its_own_key_never_the_rows(
+    kms_endpoint: str, cmk: dict[str, str]
+) -> None:
+    """Until the key ARN is known, Decrypt names the alias, so KMS refuses a key of any
+    other master key; the ARN it answers with is then this provider's."""
+    other = second_cmk(kms_endpoint)
+    theirs = AwsKms(other["arn"], client=kms_client(kms_endpoint)).generate_data_key(CONTEXT)
+    ours = kms_client(kms_endpoint).generate_data_key(
+        KeyId=cmk["key_id"], KeySpec="AES_256", EncryptionContext=CONTEXT
+    )
+    provider = AwsKms(cmk["alias"], client=kms_client(kms_endpoint))
+    sent = decrypt_key_ids(provider.client)
+    with pytest.raises(ForeignMasterKeyError):  # KMS refused; DescribeKey names the refusal
+        provider.unwrap(theirs.wrapped, CONTEXT, theirs.master_key_id)
+    assert sent == [cmk["alias"]]
+    assert provider.calls == {"Decrypt": 1, "DescribeKey": 1}
+
+    fresh = AwsKms(cmk["alias"], client=kms_client(kms_endpoint))
+    sent = decrypt_key_ids(fresh.client)
+    assert fresh.unwrap(ours["CiphertextBlob"], CONTEXT, ours["KeyId"]) == ours["Plaintext"]
+    assert fresh.owns(cmk["arn"])  # learned from Decrypt's answer
+    with pytest.raises(ForeignMasterKeyError):
+        fresh.unwrap(theirs.wrapped, CONTEXT, theirs.master_key_id)
+    assert fresh.unwrap(ours["CiphertextBlob"], CONTEXT, ours["KeyId"]) == ours["Plaintext"]
+    assert sent == [cmk["alias"], cmk["arn"]]
+    assert fresh.calls == {"Decrypt": 3}  # no DescribeKey
+
+
+def stubbed_decrypt(provider: AwsKms, answered_by: str) -> Stubber:
+    stubber = Stubber(provider.client)
+    stubber.add_response("decrypt", {"KeyId": answered_by, "Plaintext": b"\x07" * 32})
+    return stubber
+
+
+@pytest.mark.parametrize("knows_its_arn", [True, False], ids=["known-arn", "fresh"])
+def test_aws_decrypt_answer_must_be_the_rows_key(
+    kms_endpoint: str, cmk: dict[str, str], knows_its_arn: bool
+) -> None:
+    other = second_cmk(kms_endpoint)
+    provider = AwsKms(cmk["alias"], client=kms_client(kms_endpoint))
+    if knows_its_arn:
+        provider.generate_data_key(CONTEXT)
+    with stubbed_decrypt(provider, other["arn"]) as stubber:
+        with pytest.raises(ForeignMasterKeyError, match="as the key table records") as info:
+            provider.unwrap(b"\x01" * 64, CONTEXT, cmk["arn"])
+        stubber.assert_no_pending_responses()
+    assert info.value.master_key_id == other["arn"]
+    assert not provider.owns(other["arn"])  # an answer for another key teaches nothing
+
+
+@pytest.mark.parametrize("configured", ["alias", "arn"])
+def test_aws_decrypt_answer_must_be_its_own_key(
+    kms_endpoint: str, cmk: dict[str, str], configured: str
+) -> None:
+    """A row recording the configured id: the key that decrypted must be this one."""
+    other = second_cmk(kms_endpoint)
+    provider = AwsKms(cmk[configured], client=kms_client(kms_endpoint))
+    provider.generate_data_key(CONTEXT)
+    with stubbed_decrypt(provider, other["arn"]) as stubber:
+        with pytest.raises(ForeignMasterKeyError) as info:
+            provider.unwrap(b"\x01" * 64, CONTEXT, cmk[configured])
+        stubber.assert_no_pending_responses()
+    assert info.value.master_key_id == other["arn"]
+    with stubbed_decrypt(provider, cmk["arn"]):
+        assert provider.unwrap(b"\x01" * 64, CONTEXT, cmk[configured]) == b"\x07" * 32
+
+
+def test_aws_rewrap_refuses_a_source_key_of_another_master_key(
+    kms: AwsKms, kms_endpoint: str
+) -> None:
+    """ReEncrypt would adopt another master key's data key under the target: refused."""
+    other = second_cmk(kms_endpoint)
+    theirs = AwsKms(other["arn"], client=kms_client(kms_endpoint)).generate_data_key(CONTEXT)
+    target = AwsKms(second_cmk(kms_endpoint)["arn"], client=kms_client(kms_endpoint))
+    kms.generate_data_key(CONTEXT)
+    with pytest.raises(ForeignMasterKeyError):
+        target.rewrap_from(kms, theirs.wrapped, CONTEXT, theirs.master_key_id)
+    assert "ReEncrypt" not in target.calls
+
+    ours = kms.generate_data_key(CONTEXT)
+
+    def another_source(parsed: dict[str, Any], **kwargs: Any) -> None:
+        parsed["SourceKeyId"] = other["arn"]
+
+    target.client.meta.events.register("after-call.kms.ReEncrypt", another_source)
+    with pytest.raises(ForeignMasterKeyError) as info:
+        target.rewrap_from(kms, ours.wrapped, CONTEXT, ours.master_key_id)
+    assert info.value.master_key_id == other["arn"]
 
 
 def test_aws_rewrap_from_aws_is_reencrypt(

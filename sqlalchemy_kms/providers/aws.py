@@ -12,11 +12,34 @@ stored in the key table is exactly KMS's ``CiphertextBlob``, so anyone with
 A key policy can restrict a role to some tables with a condition such as
 ``"StringEquals": {"kms:EncryptionContext:table": "patients"}``.
 
-An ``AwsKms`` :meth:`~AwsKms.owns` its own master key only: the ``key_id``
-it was given and the key ARN behind it. Unwrapping still names the master
-key the key table records, so one ``AwsKms`` reads keys of any master key
-its role may use; to route keys of several master keys on purpose, hold them
-in a :class:`~sqlalchemy_kms.providers.multi.MultiKms`.
+An ``AwsKms`` uses only keys of its own master key: the ``key_id`` it was
+given and the key ARN behind it. The key table records key ARNs, and the
+key table is data that whoever may write the database can change, so a row
+naming any other master key raises
+:class:`~sqlalchemy_kms.errors.ForeignMasterKeyError` and is never unwrapped
+or used, even where the role could decrypt it. To read keys of several
+master keys on purpose (the old key during a rewrap), name them all in a
+:class:`~sqlalchemy_kms.providers.multi.MultiKms`. Two checks make this hold:
+
+* before ``Decrypt``, the row's master key must be this key. ``Decrypt``
+  then names this key (never just what the row says), so KMS itself refuses
+  a wrapped key another master key made;
+* after ``Decrypt``, the ``KeyId`` KMS answers with (the ARN of the key that
+  decrypted) must be the row's master key and this provider's key ARN.
+
+The key ARN behind an alias or key id is learned from KMS's answers to this
+provider's own calls (``GenerateDataKey``, ``Encrypt``, ``ReEncrypt``, or the
+first ``Decrypt``, made under the configured ``key_id``), or from
+``DescribeKey``, asked once, when :meth:`~AwsKms.owns` is asked with
+``resolve=True`` or to name a refusal. So a role with only ``kms:Decrypt``
+(and ``kms:GenerateDataKey``) works without ``kms:DescribeKey``. Until the
+ARN is known, a row naming another key ARN goes to ``Decrypt`` under the
+configured ``key_id``, which KMS refuses (``IncorrectKeyException``); the
+error is then :class:`~sqlalchemy_kms.errors.ForeignMasterKeyError` if
+``DescribeKey`` is allowed, else KMS's own refusal. A provider configured
+with the key ARN knows it from the start and never asks. Once the alias is
+moved to another key, rows of the old key need the old key named in a
+:class:`~sqlalchemy_kms.providers.multi.MultiKms`.
 
 Example::
 
@@ -116,7 +139,8 @@ class AwsKms(KeyProvider):
             client = session.client("kms", endpoint_url=endpoint_url, config=config)
         self.client: KMSClient = client
         self._resolved: str | None = None
-        self._arns: set[str] = set()  # ARNs of our own key, as KMS reported them
+        # ARNs of our own key: as KMS named them answering calls made under key_id
+        self._arns: set[str] = {key_id} if _KEY_ARN.fullmatch(key_id) else set()
         self._lock = threading.Lock()
         self._resolving = threading.Lock()
 
@@ -158,12 +182,13 @@ class AwsKms(KeyProvider):
         """Whether ``master_key_id`` names this provider's master key.
 
         True for the configured ``key_id`` and for the key ARN behind it once
-        known: reported back by KMS from this provider's calls, or learned by
+        known: named by KMS answering this provider's own calls, or learned by
         :meth:`resolved_master_key_id`. With ``resolve=True`` and a key ARN
         that nothing else decides, that ARN is asked for (``DescribeKey``,
         once per provider); by default ``owns`` never calls KMS, so a role
         that may only decrypt needs no ``kms:DescribeKey``. False for anything
-        else: another key's ARN, another provider's id.
+        else: another key's ARN, another provider's id. :meth:`unwrap` uses
+        keys of these master keys only.
         """
         if master_key_id == self._key_id:
             return True
@@ -219,25 +244,103 @@ class AwsKms(KeyProvider):
         context: Mapping[str, str],
         source_master_key_id: str,
     ) -> tuple[bytes, str]:
+        assert isinstance(source, AwsKms)
+        # the source is checked as Decrypt would check it, before and after
+        source_key_id = source._decrypt_key_id(source_master_key_id, context)
         try:
             response: Any = self.client.re_encrypt(
                 CiphertextBlob=wrapped,
-                SourceKeyId=source_master_key_id,
+                SourceKeyId=source_key_id,
                 SourceEncryptionContext=dict(context),
                 DestinationKeyId=self._key_id,
                 DestinationEncryptionContext=dict(context),
             )
         except (ClientError, BotoCoreError) as exc:
-            raise self._error(exc, "ReEncrypt", context, source_master_key_id) from exc
+            error = self._error(exc, "ReEncrypt", context, source_master_key_id)
+            if source_key_id != source_master_key_id:
+                raise source._explain_refusal(error, source_master_key_id, context) from exc
+            raise error from exc
+        source._check_decrypted(str(response["SourceKeyId"]), source_master_key_id, context)
         return bytes(response["CiphertextBlob"]), self._remember(str(response["KeyId"]))
 
+    # -- only our own master key: checked before and after Decrypt ---------------------------
+
+    def _known_arns(self) -> set[str]:
+        with self._lock:
+            return set(self._arns)
+
+    def _decrypt_key_id(self, master_key_id: str, context: Mapping[str, str]) -> str:
+        """The ``KeyId`` that Decrypt (or ReEncrypt's source) names for a key the key
+        table records under ``master_key_id``; refuses another master key.
+
+        The configured ``key_id`` or a known ARN of ours is named as recorded. A
+        key ARN while ours is still unknown (an alias, a role without
+        ``kms:DescribeKey``, nothing asked yet) is left to KMS: the call names
+        the configured ``key_id``, so KMS refuses a key wrapped under any other,
+        and :meth:`_check_decrypted` checks the ARN it answers with.
+        """
+        if self.owns(master_key_id):
+            return master_key_id
+        if not self._known_arns() and _KEY_ARN.fullmatch(master_key_id):
+            return self._key_id
+        raise self._foreign(master_key_id, context, self._not_owned_reason())
+
+    def _check_master_key(self, master_key_id: str, context: Mapping[str, str]) -> None:
+        self._decrypt_key_id(master_key_id, context)
+
+    def _not_owned_reason(self) -> str:
+        arns = sorted(self._known_arns() - {self._key_id})
+        behind = f" (key ARN {', '.join(arns)})" if arns else ""
+        return f"this provider holds master key {self._key_id}{behind} only"
+
+    def _check_decrypted(self, arn: str, master_key_id: str, context: Mapping[str, str]) -> None:
+        """Check the key ARN that KMS says decrypted a key recorded under ``master_key_id``.
+
+        It must be the row's master key (when the row records a key ARN) and
+        ours: a known ARN of ours, or, while none is known, the answer of a call
+        made under the configured ``key_id``, which is then ours.
+        """
+        if _KEY_ARN.fullmatch(master_key_id) and arn != master_key_id:
+            raise self._foreign(
+                arn,
+                context,
+                f"KMS decrypted the key with master key {arn}, not with {master_key_id} "
+                "as the key table records",
+            )
+        with self._lock:
+            if not self._arns:
+                self._arns.add(arn)  # the first answer under key_id: our key ARN
+                return
+            if arn in self._arns:
+                return
+        raise self._foreign(arn, context, self._not_owned_reason())
+
+    def _explain_refusal(
+        self, error: KMSError, master_key_id: str, context: Mapping[str, str]
+    ) -> KMSError:
+        """KMS refused a key named by a key ARN ours could not be told from: if
+        ``DescribeKey`` now tells, a key of another master key is a
+        :class:`ForeignMasterKeyError`; else KMS's own refusal stands."""
+        if not isinstance(error, (KMSInvalidCiphertextError, KMSAccessDeniedError)):
+            return error  # not a refusal (KMS unreachable, throttling): it stands as it is
+        try:
+            ours = self.resolved_master_key_id()
+        except KMSError:
+            return error  # no kms:DescribeKey: KMS's refusal is the answer
+        if master_key_id == ours:
+            return error
+        return self._foreign(master_key_id, context, self._not_owned_reason())
+
     def _unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
-        # Decrypt names the key the table records, which may be another master key
-        # (the vault asks its one provider for every key, and KMS decides).
+        key_id = self._decrypt_key_id(master_key_id, context)
         try:
             response: Any = self.client.decrypt(
-                CiphertextBlob=wrapped, KeyId=master_key_id, EncryptionContext=dict(context)
+                CiphertextBlob=wrapped, KeyId=key_id, EncryptionContext=dict(context)
             )
         except (ClientError, BotoCoreError) as exc:
-            raise self._error(exc, "Decrypt", context, master_key_id) from exc
+            error = self._error(exc, "Decrypt", context, master_key_id)
+            if key_id != master_key_id:
+                raise self._explain_refusal(error, master_key_id, context) from exc
+            raise error from exc
+        self._check_decrypted(str(response["KeyId"]), master_key_id, context)
         return bytes(response["Plaintext"])

@@ -51,6 +51,19 @@ for its own master key only, never by the look of other providers' ids::
     True
     >>> dict(toy.calls), toy.owns("xor:1"), toy.owns("local:00")
     ({'GenerateDataKey': 1, 'Decrypt': 1}, True, False)
+
+A provider uses only keys wrapped under master keys it owns. The key table
+is data: whoever may write the database could insert a key row made under a
+master key of their own, and the application would then encrypt new values
+under a data key they know. So :meth:`~KeyProvider.unwrap` refuses any other
+master key before the hook runs, with
+:class:`~sqlalchemy_kms.errors.ForeignMasterKeyError`::
+
+    >>> toy.unwrap(made.wrapped, {"table": "t", "key_version": "2"}, "xor:2")
+    Traceback (most recent call last):
+    ...
+    sqlalchemy_kms.errors.ForeignMasterKeyError: Decrypt refused for table t key version 2 \
+master key xor:2: this provider holds master key xor:1 only; ...
 """
 
 from __future__ import annotations
@@ -60,6 +73,8 @@ import threading
 from collections import Counter
 from collections.abc import Mapping
 from typing import final
+
+from ..errors import ForeignMasterKeyError
 
 __all__ = ["GeneratedDataKey", "KeyProvider", "encryption_context"]
 
@@ -142,10 +157,14 @@ class KeyProvider(abc.ABC):
     def unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
         """Return the plaintext of a data key wrapped under ``master_key_id``.
 
-        ``master_key_id`` is the one the key table records for the key.
-        Counted as ``"Decrypt"``.
+        ``master_key_id`` is the one the key table records for the key. A
+        master key this provider does not own is refused before the hook
+        runs (:meth:`_check_master_key`), with
+        :class:`~sqlalchemy_kms.errors.ForeignMasterKeyError`. Counted as
+        ``"Decrypt"``, refused or not.
         """
         self._count("Decrypt")
+        self._check_master_key(master_key_id, context)
         return self._unwrap(wrapped, context, master_key_id)
 
     @final
@@ -174,10 +193,13 @@ class KeyProvider(abc.ABC):
         counted by ``source``) and this provider wraps it (``"Encrypt"``), so
         the data key passes through this process's memory. A composite
         ``source`` (:class:`~sqlalchemy_kms.providers.multi.MultiKms`) is
-        first narrowed to its member that holds ``source_master_key_id``.
+        first narrowed to its member that holds ``source_master_key_id``; a
+        master key ``source`` does not own is refused either way, so a rewrap
+        never adopts a key row someone else's master key made.
         """
         source = source.provider_for(source_master_key_id)
         if self._rewraps_from(source):
+            source._check_master_key(source_master_key_id, context)
             self._count("ReEncrypt")
             return self._rewrap_from(source, wrapped, context, source_master_key_id)
         plaintext = source.unwrap(wrapped, context, source_master_key_id)
@@ -230,12 +252,41 @@ class KeyProvider(abc.ABC):
         """
         return master_key_id == self.master_key_id
 
+    def _check_master_key(self, master_key_id: str, context: Mapping[str, str]) -> None:
+        """Refuse a key wrapped under a master key this provider was not given.
+
+        Called by :meth:`unwrap` (and for the source of :meth:`rewrap_from`)
+        before any KMS call. By default: :meth:`owns` with ``resolve=True``,
+        else :class:`~sqlalchemy_kms.errors.ForeignMasterKeyError`. The key
+        table is data that whoever may write the database can change; only the
+        master keys given to the provider decide which rows are used.
+        """
+        if not self.owns(master_key_id, resolve=True):
+            raise self._foreign(master_key_id, context, self._not_owned_reason())
+
+    def _not_owned_reason(self) -> str:
+        """Why :meth:`_check_master_key` refused, for the error's message."""
+        return f"this provider holds master key {self.master_key_id} only"
+
+    def _foreign(
+        self, master_key_id: str, context: Mapping[str, str], reason: str
+    ) -> ForeignMasterKeyError:
+        """The error for a key row of a master key this provider does not own."""
+        return ForeignMasterKeyError(
+            f"{reason}; a key of any other master key is never used. If that master key is "
+            "yours (the old key of a rewrap), name it with this one in a MultiKms; if not, "
+            "the key table holds a row this application did not make",
+            operation="Decrypt",
+            table=context.get("table"),
+            key_version=int(context["key_version"]) if "key_version" in context else None,
+            master_key_id=master_key_id,
+        )
+
     def provider_for(self, master_key_id: str) -> KeyProvider:
         """The provider that unwraps keys wrapped under ``master_key_id``.
 
-        A single provider is its own answer: it is asked for every key, and
-        its KMS decides (AWS KMS unwraps under any master key the caller may
-        use; :class:`~sqlalchemy_kms.LocalKms` explains a mismatch). A
+        A single provider is its own answer (and its :meth:`unwrap` refuses
+        a master key it does not own). A
         :class:`~sqlalchemy_kms.providers.multi.MultiKms` answers with the
         member that :meth:`owns` the id.
         """

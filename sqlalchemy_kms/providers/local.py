@@ -8,7 +8,10 @@ leaves the KMS.
 
 Wrapped keys are ``0x01 || key id (8) || nonce (12) || AES-256-GCM(data key)``
 with the encryption context (sorted JSON) as associated data, so a wrapped
-key only unwraps for the table and key version it was made for.
+key only unwraps for the table and key version it was made for. A key row of
+another local master key (the row's ``master_key_id``, or the key id in the
+wrapped bytes) raises :class:`~sqlalchemy_kms.errors.ForeignMasterKeyError`
+before any decryption.
 
 Example::
 
@@ -123,6 +126,9 @@ class LocalKms(KeyProvider):
     def _wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
         return self._seal(plaintext, context), self.master_key_id
 
+    def _not_owned_reason(self) -> str:
+        return f"wrapped under another local master key, not {self.master_key_id}"
+
     def _unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
         table = context.get("table")
         version = int(context["key_version"]) if "key_version" in context else None
@@ -134,13 +140,9 @@ class LocalKms(KeyProvider):
                 key_version=version,
                 master_key_id=master_key_id,
             )
-        if wrapped[1 : 1 + _ID_SIZE] != self._id:
-            raise KMSInvalidCiphertextError(
-                f"wrapped under another local master key, not {self.master_key_id}",
-                operation="Decrypt",
-                table=table,
-                key_version=version,
-                master_key_id=master_key_id,
+        if wrapped[1 : 1 + _ID_SIZE] != self._id:  # the row names our key, the bytes do not
+            raise self._foreign(
+                "local:" + wrapped[1 : 1 + _ID_SIZE].hex(), context, self._not_owned_reason()
             )
         nonce = wrapped[1 + _ID_SIZE : 1 + _ID_SIZE + _NONCE_SIZE]
         try:

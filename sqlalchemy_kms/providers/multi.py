@@ -10,7 +10,8 @@ partial rewrap, a backup, a downgrade), both master keys are needed.
 * :meth:`~MultiKms.unwrap` goes to the member that
   :meth:`~sqlalchemy_kms.providers.base.KeyProvider.owns` the master key the
   key table records (:meth:`~MultiKms.provider_for`), and raises
-  :class:`~sqlalchemy_kms.errors.ConfigurationError` when none does;
+  :class:`~sqlalchemy_kms.errors.ForeignMasterKeyError` when none does:
+  the members are the only master keys whose key rows are used;
 * :meth:`~MultiKms.with_primary` makes a new master key the primary and keeps
   the others.
 
@@ -37,9 +38,9 @@ A key wrapped under a master key no member holds is refused by name::
     >>> kms.unwrap(under_old.wrapped, context, "local:0123456789abcdef")
     Traceback (most recent call last):
     ...
-    sqlalchemy_kms.errors.ConfigurationError: no master key of this MultiKms unwraps keys \
-of master key local:0123456789abcdef (it holds local:..., local:...): add a provider for \
-that master key (patients)
+    sqlalchemy_kms.errors.ForeignMasterKeyError: Decrypt refused for table patients key \
+version 1 master key local:0123456789abcdef: no master key of this MultiKms owns it \
+(it holds local:..., local:...); ...
 
 With a vault, ``KeyVault(engine, MultiKms(AwsKms("alias/app-2024"), AwsKms("alias/app-2023")))``
 writes under ``alias/app-2024`` and reads keys of either. The key table records
@@ -52,7 +53,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..errors import ConfigurationError
 from .base import GeneratedDataKey, KeyProvider
 
 __all__ = ["MultiKms"]
@@ -125,12 +125,12 @@ class MultiKms(KeyProvider):
         Members are asked first from what they know, then with
         ``resolve=True`` (an :class:`~sqlalchemy_kms.AwsKms` given an alias
         may ask KMS once for its key ARN). Raises
-        :class:`~sqlalchemy_kms.errors.ConfigurationError`, naming the master
-        key, when no member owns it.
+        :class:`~sqlalchemy_kms.errors.ForeignMasterKeyError`, naming the
+        master key, when no member owns it.
         """
         member = self._member_for(master_key_id, resolve=True)
         if member is None:
-            raise self._not_held(master_key_id, {})
+            raise self._foreign(master_key_id, {}, self._not_owned_reason())
         return member
 
     def _member_for(self, master_key_id: str, *, resolve: bool) -> KeyProvider | None:
@@ -143,16 +143,9 @@ class MultiKms(KeyProvider):
                     return member
         return None
 
-    def _not_held(self, master_key_id: str, context: Mapping[str, str]) -> ConfigurationError:
+    def _not_owned_reason(self) -> str:
         held = ", ".join(member.master_key_id for member in self._members)
-        return ConfigurationError(
-            f"no master key of this MultiKms unwraps keys of master key {master_key_id} "
-            f"(it holds {held}): add a provider for that master key",
-            table=context.get("table"),
-            key_version=int(context["key_version"]) if "key_version" in context else None,
-            master_key_id=master_key_id,
-            operation="Decrypt",
-        )
+        return f"no master key of this MultiKms owns it (it holds {held})"
 
     def _generate_data_key(self, context: Mapping[str, str]) -> GeneratedDataKey:
         return self.primary.generate_data_key(context)
@@ -160,11 +153,13 @@ class MultiKms(KeyProvider):
     def _wrap(self, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
         return self.primary.wrap(plaintext, context)
 
+    def _check_master_key(self, master_key_id: str, context: Mapping[str, str]) -> None:
+        if self._member_for(master_key_id, resolve=True) is None:
+            raise self._foreign(master_key_id, context, self._not_owned_reason())
+
     def _unwrap(self, wrapped: bytes, context: Mapping[str, str], master_key_id: str) -> bytes:
-        member = self._member_for(master_key_id, resolve=True)
-        if member is None:
-            raise self._not_held(master_key_id, context)
-        return member.unwrap(wrapped, context, master_key_id)
+        # the owner checks again, before and (AWS KMS) after its own Decrypt
+        return self.provider_for(master_key_id).unwrap(wrapped, context, master_key_id)
 
     def _rewraps_from(self, source: KeyProvider) -> bool:
         return self.primary._rewraps_from(source)
