@@ -153,3 +153,25 @@ def test_verify_with_kms_down_says_so_once_and_counts_apart(
         assert result.output.count("cannot reach KMS") == 2
         assert "NOT CHECKED: 80 of 80" in result.output
         assert "FAILED" not in result.output
+
+
+def test_export_files_are_written_for_their_owner_only(tmp_path: Any) -> None:
+    import os
+    import stat
+
+    from sqlalchemy import create_engine
+
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    engine = create_engine(url)
+    vault = KeyVault(engine, LocalKms(bytes(32)))
+    vault.create_table()
+    vault.create_key("patients")
+    vault.close()
+    fresh, existing = tmp_path / "fresh.json", tmp_path / "existing.json"
+    existing.write_text("old")
+    existing.chmod(0o644)
+    for path in (fresh, existing):
+        result = CliRunner().invoke(cli, ["export-keys", "--db", url, "--output", str(path)])
+        assert result.exit_code == 0, result.output
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert '"scope": "patients"' in path.read_text()

@@ -14,7 +14,7 @@ from sqlalchemy import Table
 from .._format import MAX_KEY_VERSION
 from .._keytable import KeySeries, table_scope
 from ..lifecycle import Progress
-from ..lifecycle.backup import read_export, select_keys
+from ..lifecycle.backup import read_export, select_keys, write_export
 from ..lifecycle.retire import DEFAULT_GRACE_PERIOD
 from ..providers.uri import KmsUri
 from ..types import encrypted_series
@@ -363,7 +363,7 @@ def export_keys(cli: CliContext, output: Path | None) -> None:
         click.echo(text, nl=False)
         return
     try:
-        output.write_text(text, encoding="utf-8")
+        write_export(data, output)  # mode 0600: a backup of keys is a target too
     except OSError as error:
         raise click.ClickException(f"cannot write {output}: {error.strerror or error}") from None
     click.echo(f"exported {len(data['keys'])} key(s) to {output}")

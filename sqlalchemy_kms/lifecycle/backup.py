@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import json
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -28,12 +30,14 @@ from ..audit import key_event
 from ..errors import KeyLifecycleError
 
 __all__ = [
+    "EXPORT_FILE_MODE",
     "EXPORT_FORMAT",
     "EXPORT_VERSION",
     "export_keys",
     "import_keys",
     "read_export",
     "select_keys",
+    "write_export",
 ]
 
 #: The ``format`` field of an export.
@@ -256,3 +260,27 @@ def import_keys(
     for row in new_rows:
         key_event("import", row["scope"], row["purpose"], row["key_version"], row["master_key_id"])
     return len(new_rows)
+
+
+#: File mode of a written export: the owner only. Wrapped keys are useless without the
+#: master key, but a backup of them is still a target.
+EXPORT_FILE_MODE: Final = 0o600
+
+
+def write_export(data: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write :func:`export_keys` data as JSON to ``path``, readable by its owner only
+    (mode 0600, also when the file existed with a wider mode).
+
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> write_export({"format": EXPORT_FORMAT, "version": 1, "keys": []}, folder / "k.json")
+    >>> oct((folder / "k.json").stat().st_mode & 0o777)
+    '0o600'
+    """
+    text = json.dumps(data, indent=2) + "\n"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    descriptor = os.open(path, flags, EXPORT_FILE_MODE)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        if hasattr(os, "fchmod"):
+            os.fchmod(file.fileno(), EXPORT_FILE_MODE)  # an existing file keeps its mode
+        file.write(text)
