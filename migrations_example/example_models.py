@@ -3,6 +3,12 @@
 The application reads and writes these through an engine with a
 :class:`~sqlalchemy_kms.KeyVault`; ``env.py`` gives them to autogenerate as
 ``target_metadata``.
+
+``Base.metadata`` holds the key table ``kms_data_keys`` too (revision 0001): it
+joins the metadata with the first ``KMSEncrypted`` column, so autogenerate
+neither proposes dropping it nor forgets it in a first revision. A vault with
+another ``table_name`` or ``schema`` needs it declared here, e.g.
+``key_table(Base.metadata, "app_keys")``.
 """
 
 from __future__ import annotations
@@ -11,16 +17,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqlalchemy_kms import KMSEncrypted
-from sqlalchemy_kms.vault import key_table
 
 
 class Base(DeclarativeBase):
     pass
-
-
-# The key table (revision 0001): part of the metadata, so that autogenerate
-# does not offer to drop it.
-key_table(Base.metadata)
 
 
 class Patient(Base):

@@ -4,7 +4,8 @@
 (its ``MetaData``) and ``tests.cli_models:Base.registry`` all name the same
 tables; ``tests.cli_models:log_metadata`` holds a table without a primary
 key. The names start with ``cli_`` so that they never meet the tables of
-other test modules on a shared database server.
+other test modules on a shared database server. Both metadatas declare the
+key table the tests' vaults use, ``cli_kms_keys``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqlalchemy_kms import KMSEncrypted
+from sqlalchemy_kms.vault import key_table
+
+#: The key table of the command-line tests (``--key-table``).
+KEY_TABLE = "cli_kms_keys"
 
 
 class Base(DeclarativeBase):
@@ -47,9 +52,11 @@ class Ward(Base):
 
 
 metadata = Base.metadata
+key_table(metadata, KEY_TABLE)
 
 
 log_metadata = MetaData()
+key_table(log_metadata, KEY_TABLE)
 
 #: No primary key: ``verify`` reads it in one streamed query.
 audit_log = Table(

@@ -46,7 +46,7 @@ def test_missing_key_table_leaves_a_shared_transaction_usable(engine: Engine) ->
     metadata = MetaData()
     patients = _patients(metadata)
     with engine.connect() as conn, vault.using(conn):
-        metadata.create_all(conn)  # after_create would make the table's keys
+        patients.create(conn)  # after_create would make the table's keys
         assert conn.execute(text("SELECT 1")).scalar() == 1  # the transaction is fine
         with pytest.raises(KeyTableMissingError, match="create_table"):
             conn.execute(patients.insert().values(id=1, name="Kim"))

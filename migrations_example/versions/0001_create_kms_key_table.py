@@ -24,6 +24,8 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     # kms_data_keys: (scope, purpose, key_version) -> wrapped data key. Created
     # first: the revisions after this one make keys as they create tables.
+    # Autogenerate writes the same table as op.create_table("kms_data_keys", ...)
+    # in a project's first revision (the models' metadata holds it); either works.
     op.create_kms_key_table()
 
 

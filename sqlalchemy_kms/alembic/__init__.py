@@ -120,6 +120,13 @@ Pass :func:`render_item` to ``context.configure(render_item=...)`` so that
 ``alembic revision --autogenerate`` renders encrypted columns as
 ``KMSEncrypted(sa.String(length=200), deterministic=True)`` and adds
 ``from sqlalchemy_kms import KMSEncrypted`` to the revision's imports.
+The key table is part of the models' ``MetaData`` (see
+:func:`sqlalchemy_kms.vault.key_table`): autogenerate leaves it alone once it
+exists, and writes it as ``op.create_table('kms_data_keys', ...)`` into a
+project's first revision. When the models hold another key table than the
+vault of the migration's engine, autogenerate raises
+:class:`~sqlalchemy_kms.errors.ConfigurationError` naming both
+(:mod:`~sqlalchemy_kms.alembic.compare`) instead of proposing to drop the vault's.
 Autogenerate compares schemas, not data: a plaintext column changed to
 ``KMSEncrypted`` in the model comes out as ``op.alter_column(...,
 type_=KMSEncrypted(...))``, which encrypts nothing; write
@@ -138,12 +145,15 @@ The package
 * :mod:`~sqlalchemy_kms.alembic.implementations`: what each operation does,
   through the vault;
 * :mod:`~sqlalchemy_kms.alembic.render`: :func:`render_item` and how
-  autogenerate writes the operations.
+  autogenerate writes the operations;
+* :mod:`~sqlalchemy_kms.alembic.compare`: what autogenerate checks of the key
+  table (that the models declare the vault's).
 """
 
 from __future__ import annotations
 
 from ..providers.uri import provider_from_uri
+from . import compare as compare  # registers the key table's check in autogenerate
 from . import implementations as implementations  # registers what each operation does
 from .ops import (
     CreateKmsKeyTableOp,
