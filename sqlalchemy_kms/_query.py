@@ -16,6 +16,16 @@ statement's cache key) that the SQL renders once per possible key version:
 under the enabled search key of its slot, newest first (a slot with no key
 matches nothing). The SQL is fixed, so no list is expanded per execution.
 ``in_()`` binds one expanding list of ``(value, slot)`` pairs.
+
+The comparator only sees expressions whose left operand is encrypted
+(``column == literal(v)`` is ``column == v``). The other shapes
+(``plain_column == encrypted_column``, ``plain.in_(select(encrypted_column))``,
+a join on an encrypted column, ``literal(v) == column``) are checked when a
+binary expression is compiled, which happens once per cached statement, not
+per execution: an encrypted operand met by anything but a Python value
+raises :class:`~sqlalchemy_kms.errors.UnsupportedQueryError` before the
+statement reaches the database. Relationships over encrypted columns are
+refused when the mappers are configured.
 """
 
 from __future__ import annotations
@@ -23,19 +33,38 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import bindparam
+from sqlalchemy import bindparam, event
 from sqlalchemy import types as sqltypes
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Mapper
 from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ColumnElement
+from sqlalchemy.sql.elements import (
+    BinaryExpression,
+    BindParameter,
+    ClauseList,
+    ColumnElement,
+    False_,
+    Grouping,
+    Null,
+    True_,
+)
+from sqlalchemy.sql.selectable import ScalarSelect, SelectBase
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from ._format import column_aad
 from ._keytable import KeySeries
-from .errors import SQLAlchemyKMSError, UnsupportedQueryError
+from .errors import ConfigurationError, SQLAlchemyKMSError, UnsupportedQueryError
 
-__all__ = ["SEARCH_SLOTS", "Binding", "EncryptedComparator", "SearchTerm", "with_context"]
+__all__ = [
+    "PRIMARY_KEY_REASON",
+    "RELATIONSHIP_HINT",
+    "SEARCH_SLOTS",
+    "Binding",
+    "EncryptedComparator",
+    "SearchTerm",
+    "with_context",
+]
 
 #: The attribute of an engine's dialect that holds its vault.
 VAULT_ATTR = "_sqlalchemy_kms_vault"
@@ -65,9 +94,28 @@ _DETERMINISTIC_HINT = (
 
 
 _COLUMN_COMPARISON_HINT = (
-    "An encrypted column can be compared only with Python values: each column has its own "
-    "key, so it cannot be joined or compared with another column."
+    "An encrypted column can be compared only with Python values (column == value, "
+    "column.in_([...])): each column is encrypted under its own key, so comparing it with "
+    "another column or a subquery, or joining on it, never matches. Join on a plaintext key "
+    "such as the primary key instead."
 )
+RELATIONSHIP_HINT = (
+    "A relationship or foreign key compares this column with another column, which never "
+    "matches: each column is encrypted under its own key. Relate the tables through a "
+    "plaintext key such as the primary key."
+)
+PRIMARY_KEY_REASON = (
+    "the ORM finds, updates and deletes rows by primary key value, which an encrypted "
+    "column cannot answer; use a plaintext key (an integer or UUID id) and make the "
+    "encrypted value a unique deterministic column"
+)
+_LITERAL_LEFT_HINT = (
+    "Put the encrypted column on the left: column == value (or value == column with a "
+    "Python value); literal(value) on the left of a comparison is refused."
+)
+
+# what ``literal(v)`` is when it is not a literal
+_NOT_A_LITERAL: Any = object()
 
 
 def _is_sql_expression(value: Any) -> bool:
@@ -76,26 +124,96 @@ def _is_sql_expression(value: Any) -> bool:
     )
 
 
-class _ColumnComparison(BinaryExpression[Any]):
-    """``encrypted_column == other_expression``: fine as a Python truth test, refused as SQL."""
+def _literal_value(operand: Any) -> Any:
+    """The Python value of ``literal(v)`` (an anonymous bound value), else
+    :data:`_NOT_A_LITERAL`: a named parameter is filled when the statement
+    runs, which a search term cannot follow."""
+    if (
+        isinstance(operand, BindParameter)
+        and operand.unique
+        and not operand.required
+        and operand.callable is None
+        and not operand.expanding
+        and not operand.literal_execute
+        and not isinstance(operand.type, SearchTerm)
+    ):
+        return operand.value
+    return _NOT_A_LITERAL
 
-    inherit_cache = True
+
+def _is_encrypted_type(type_: Any) -> bool:
+    """Whether ``type_`` is a :class:`~sqlalchemy_kms.KMSEncrypted` column type."""
+    factory = getattr(type_, "comparator_factory", None)
+    return isinstance(factory, type) and issubclass(factory, EncryptedComparator)
 
 
-@compiles(_ColumnComparison)
-def _refuse_column_comparison(element: _ColumnComparison, compiler: Any, **kw: Any) -> str:
-    for side in (element.left, element.right):
-        column_type: Any = getattr(side, "type", None)
-        factory = getattr(column_type, "comparator_factory", None)
-        if isinstance(factory, type) and issubclass(factory, EncryptedComparator):
-            binding = column_type._binding
-            raise UnsupportedQueryError(
-                _COLUMN_COMPARISON_HINT,
-                operator=_operator_name(element.operator),
-                table=binding.scope if binding else None,
-                column=binding.column if binding else None,
-            )
-    raise UnsupportedQueryError(_COLUMN_COMPARISON_HINT, operator="eq")
+def _encrypted_type(operand: Any) -> Any:
+    """The first encrypted column type an operand carries: its own, a tuple member's, a
+    grouped list's or a subquery's selected column's; ``None`` if none."""
+    operand_type = getattr(operand, "type", None)
+    if _is_encrypted_type(operand_type):
+        return operand_type
+    if isinstance(operand_type, sqltypes.TupleType):
+        for member in operand_type.types:
+            if _is_encrypted_type(member):
+                return member
+    if isinstance(operand, Grouping):
+        return _encrypted_type(operand.element)
+    if isinstance(operand, ClauseList):
+        return next(filter(None, map(_encrypted_type, operand.clauses)), None)
+    if isinstance(operand, ScalarSelect):
+        operand = operand.element
+    if isinstance(operand, SelectBase):
+        return next(filter(None, map(_encrypted_type, operand.selected_columns)), None)
+    return None
+
+
+def _unsupported(column_type: Any, op: Any, hint: str) -> UnsupportedQueryError:
+    binding = column_type._binding
+    column = column_type._column
+    return UnsupportedQueryError(
+        hint,
+        operator=_operator_name(op),
+        table=binding.scope if binding else None,
+        column=binding.column if binding else getattr(column, "name", None),
+    )
+
+
+def _refuse_or_render_binary(
+    render: Callable[..., str],
+) -> Callable[..., str]:
+    """The compile step of every binary expression: encrypted operands are checked, the
+    rest is rendered by ``render`` (SQLAlchemy's own step, or one registered earlier)."""
+
+    def check(element: BinaryExpression[Any], compiler: Any, **kw: Any) -> str:
+        left: Any = element.left
+        right: Any = element.right
+        op = element.operator
+        left_type: Any = _encrypted_type(left)
+        right_type: Any = _encrypted_type(right)
+        if left_type is None and right_type is None:
+            return render(element, compiler, **kw)
+        if op in _NULL_TESTS and isinstance(right, (Null, True_, False_)):
+            return render(element, compiler, **kw)
+        if left_type is None and _literal_value(left) is not _NOT_A_LITERAL:
+            # literal(v) <op> column: the ORM would evaluate literal(v) == column in Python
+            # against the objects' values (synchronize_session), so it is not answered at all
+            hint = _DETERMINISTIC_HINT if right_type.deterministic else _RANDOMIZED_HINT
+            raise _unsupported(right_type, op, f"{_LITERAL_LEFT_HINT} {hint}")
+        column_type = left_type if left_type is not None else right_type
+        raise _unsupported(column_type, op, _COLUMN_COMPARISON_HINT)
+
+    return check
+
+
+def _install_binary_check() -> None:
+    dispatcher = BinaryExpression.__dict__.get("_compiler_dispatcher")
+    render = (
+        dispatcher.specs["default"]
+        if dispatcher is not None and "default" in dispatcher.specs
+        else BinaryExpression._compiler_dispatch
+    )
+    compiles(BinaryExpression)(_refuse_or_render_binary(render))
 
 
 def _operator_name(op: Any) -> str:
@@ -145,11 +263,12 @@ class EncryptedComparator(sqltypes.TypeDecorator.Comparator[Any]):
         if op in _NULL_TESTS or (op in _EQUALITY and other and other[0] is None):
             return super().operate(op, *other, **kwargs)
         if op in _EQUALITY and _is_sql_expression(other[0]):
-            # Built, because SQLAlchemy itself compares columns with == (and only
-            # asks the result for truth); refused when compiled into SQL.
-            comparison = super().operate(op, *other, **kwargs)
-            comparison.__class__ = _ColumnComparison
-            return comparison
+            value = _literal_value(other[0])
+            if value is _NOT_A_LITERAL:
+                # Built, because SQLAlchemy itself compares columns with == (and only
+                # asks the result for truth); refused when compiled into SQL.
+                return super().operate(op, *other, **kwargs)
+            other = (value,)  # literal(v): the same as v
         if column_type.deterministic:
             if op in _EQUALITY:
                 return self._match(op, [other[0]], negate=_EQUALITY[op])
@@ -169,18 +288,14 @@ class EncryptedComparator(sqltypes.TypeDecorator.Comparator[Any]):
                 "On a deterministic column in_() takes a list of Python values, "
                 "not a subquery or a string.",
             )
-        values = list(values)
-        if any(_is_sql_expression(value) for value in values):
+        values = [_literal_value(value) if _is_sql_expression(value) else value for value in values]
+        if any(value is _NOT_A_LITERAL for value in values):
             raise self._refuse(op, _COLUMN_COMPARISON_HINT)
         column_type: Any = self.type
         term_type = column_type._search_term
         if op in _EQUALITY:
             return _SearchMatch(self.expr, values[0], term_type, negate=negate)
-        slots = range(term_type.slots)
-        membership = operators.not_in_op if negate else operators.in_op
-        terms = [(value, slot) for value in values for slot in slots]
-        param = bindparam(None, terms, type_=term_type, expanding=True, unique=True)
-        return super().operate(membership, param)
+        return _SearchIn(self.expr, values, term_type, negate=negate)
 
 
 class _SearchMatch(ColumnElement[bool]):
@@ -212,6 +327,35 @@ class _SearchMatch(ColumnElement[bool]):
         negated = self._clone()
         negated.negate = not self.negate
         return negated
+
+
+class _SearchIn(_SearchMatch):
+    """``column IN (...)`` (``NOT IN`` when negated) of a list of values: one expanding
+    parameter of ``(value, slot)`` pairs.
+
+    Its own element rather than a binary expression, so that the ORM's
+    ``synchronize_session="evaluate"`` cannot compare those pairs with the
+    objects' plaintext and must say it cannot evaluate the criteria.
+    """
+
+    inherit_cache = True
+
+    def __init__(
+        self, column: Any, values: list[Any], term_type: SearchTerm, *, negate: bool
+    ) -> None:
+        self.column = column
+        terms = [(value, slot) for value in values for slot in range(term_type.slots)]
+        self.term = bindparam(None, terms, type_=term_type, expanding=True, unique=True)
+        self.negate = negate
+
+
+@compiles(_SearchIn)
+def _render_search_in(element: _SearchIn, compiler: Any, **kw: Any) -> str:
+    term: Any = element.term._clone(maintain_key=True)
+    # an empty list renders as a condition that is false (IN) or true (NOT IN)
+    term.expand_op = operators.not_in_op if element.negate else operators.in_op
+    membership = "NOT IN" if element.negate else "IN"
+    return f"({compiler.process(element.column, **kw)} {membership} {compiler.process(term, **kw)})"
 
 
 @compiles(_SearchMatch)
@@ -348,3 +492,27 @@ class SearchTerm(sqltypes.TypeDecorator[Any]):
             return token
         except SQLAlchemyKMSError as error:
             raise with_context(error, binding) from None
+
+
+def _refuse_encrypted_relationships(mapper: Mapper[Any], class_: type[Any]) -> None:
+    """``mapper_configured``: a relationship joins on its columns, which an encrypted
+    column cannot answer; an encrypted primary key cannot identify rows."""
+    for column in mapper.primary_key:
+        column_type: Any = column.type
+        if _is_encrypted_type(column_type):
+            raise ConfigurationError(
+                f"mapper {class_.__name__} uses an encrypted primary key: {PRIMARY_KEY_REASON}",
+                table=column_type._binding.scope if column_type._binding else None,
+                column=column.name,
+            )
+    for prop in mapper.relationships:
+        pairs = [*prop.local_remote_pairs, *prop.synchronize_pairs]
+        pairs += prop.secondary_synchronize_pairs or []
+        for pair in pairs:
+            for column in pair:
+                if _is_encrypted_type(column.type):
+                    raise _unsupported(column.type, "relationship", RELATIONSHIP_HINT)
+
+
+event.listen(Mapper, "mapper_configured", _refuse_encrypted_relationships)
+_install_binary_check()

@@ -128,7 +128,10 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
     Operators encryption cannot answer (``like``, ``<``, ``between``,
     ``asc()``, ``==`` on a randomized column, ...) raise
     :class:`~sqlalchemy_kms.errors.UnsupportedQueryError` when the
-    expression is built.
+    expression is built (or compiled, when the column is not the left-hand
+    operand). Definitions it cannot honour (a primary key, a foreign key, a
+    value the database computes, a unique constraint or index on a
+    randomized column) raise when the table is defined.
 
     Example::
 

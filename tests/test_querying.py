@@ -22,12 +22,13 @@ from sqlalchemy import (
     Table,
     delete,
     func,
+    literal,
     select,
     text,
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InvalidRequestError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from sqlalchemy_kms import AwsKms, KeyVault, KMSEncrypted
@@ -98,6 +99,12 @@ CONDITIONS: dict[str, Callable[[Table], Any]] = {
     "randomized_is_none": lambda t: t.c.name.is_(None),
     "randomized_is_not_none": lambda t: t.c.name.is_not(None),
     "combined": lambda t: (t.c.email == "lee@example.com") | t.c.name.is_(None),
+    "negated_in": lambda t: ~t.c.email.in_(["lee@example.com", "kim@example.com"]),
+    "negated_not_in": lambda t: ~t.c.email.not_in(["lee@example.com"]),
+    "not_in_empty_and": lambda t: t.c.email.not_in([]) & t.c.name.is_(None),
+    "negated_in_empty_or": lambda t: ~t.c.email.in_([]) | t.c.name.is_(None),
+    "eq_literal": lambda t: t.c.email == literal("kim@example.com"),
+    "in_literals": lambda t: t.c.email.in_([literal("lee@example.com"), "park@example.com"]),
 }
 
 
@@ -162,6 +169,40 @@ def test_orm_select_filter_by_update_and_delete(users: Engine) -> None:
         assert [
             (u.id, u.email, u.name) for u in session.scalars(select(User).order_by(User.id))
         ] == [(1, "kim@example.com", "Kim"), (2, "lee@example.com", "Lee 2")]
+
+
+EVALUATED: dict[str, Callable[[], Any]] = {
+    "eq": lambda: User.email == "lee@example.com",
+    "ne": lambda: User.email != "kim@example.com",
+    "negated_eq": lambda: ~(User.email == "kim@example.com"),
+    "in": lambda: User.email.in_(["lee@example.com"]),
+    "not_in": lambda: User.email.not_in(["kim@example.com", "park@example.com"]),
+    "negated_in": lambda: ~User.email.in_(["kim@example.com", "park@example.com"]),
+}
+
+
+@pytest.mark.parametrize("name", list(EVALUATED))
+def test_synchronize_session_evaluate_refuses_encrypted_criteria(users: Engine, name: str) -> None:
+    with Session(users) as session:
+        lee = session.get(User, 2)
+        assert lee is not None and lee.name == "Lee"
+        with pytest.raises(InvalidRequestError, match="evaluate"):
+            session.execute(
+                update(User).where(EVALUATED[name]()).values(name="changed"),
+                execution_options={"synchronize_session": "evaluate"},
+            )
+        session.rollback()
+    with Session(users) as session:  # nothing was written
+        assert session.scalars(select(User.name).order_by(User.id)).all() == ["Kim", "Lee", None]
+
+
+@pytest.mark.parametrize("name", list(EVALUATED))
+def test_synchronize_session_default_updates_the_loaded_objects(users: Engine, name: str) -> None:
+    with Session(users) as session:
+        lee = session.get(User, 2)
+        assert lee is not None and lee.name == "Lee"
+        session.execute(update(User).where(EVALUATED[name]()).values(name="changed"))
+        assert lee.name == "changed"  # the object in the session follows the database
 
 
 def test_core_update_and_delete_where(engine: Engine, twins: tuple[Table, Table]) -> None:
