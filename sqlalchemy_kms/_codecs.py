@@ -5,15 +5,21 @@ the way the database would (type, declared length, integer range) and returns
 the bytes that are encrypted; ``decode`` gives back an equal value of the
 same Python type; ``max_size`` is the most bytes ``encode`` can return for
 that declared type (``None``: unbounded), from which the column's DDL size is
-computed.
+computed. A codec pickles as the inner type it was made for (unpickling makes
+it again with :func:`codec_for`), so its functions can stay closures, the
+fastest form for the per-value calls.
 
 Example::
 
     >>> from decimal import Decimal
     >>> from sqlalchemy import Numeric, String
     >>> codec = codec_for(Numeric(10, 2))
-    >>> codec.decode(codec.encode(Decimal("1.50")))
+    >>> codec.decode(codec.encode(Decimal("1.5")))
     Decimal('1.50')
+    >>> codec.encode(Decimal("123.456"))
+    Traceback (most recent call last):
+    ...
+    sqlalchemy_kms.errors.EncryptionError: ... more than 2 digits after the point; ...
     >>> codec_for(String(200)).max_size
     800
 """
@@ -22,10 +28,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import operator
 import uuid
 from collections.abc import Callable
-from decimal import Decimal
+from decimal import Context, Decimal, Inexact, InvalidOperation
 from typing import Any
 
 from sqlalchemy import types as sqltypes
@@ -48,7 +55,7 @@ class Codec:
     :meth:`from_legacy` parses when a plaintext column is encrypted).
     """
 
-    __slots__ = ("_parse_legacy", "decode", "encode", "legacy_text", "max_size", "name")
+    __slots__ = ("_parse_legacy", "decode", "encode", "inner", "legacy_text", "max_size", "name")
 
     def __init__(
         self,
@@ -65,6 +72,13 @@ class Codec:
         self.max_size = max_size
         self.legacy_text = legacy_text or encode
         self._parse_legacy = parse_legacy or decode
+        #: the inner type :func:`codec_for` made this codec for (how it pickles)
+        self.inner: sqltypes.TypeEngine[Any] | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self.inner is None:
+            raise TypeError("only a codec made by codec_for() can be pickled")
+        return (codec_for, (self.inner,))
 
     def from_legacy(self, raw: Any) -> Any:
         """The value of a plaintext cell as the database driver returned it.
@@ -125,29 +139,31 @@ def _string_codec(inner: sqltypes.String) -> Codec:
 
 
 def _enum_codec(inner: sqltypes.Enum) -> Codec:
-    names = list(inner.enums)
-    allowed = set(names)
-    enum_class = inner.enum_class
-    max_size = 4 * max((len(n) for n in names), default=1)
+    # The stored text is what the plain Enum column stores: the entry of
+    # ``inner.enums`` for the value, found by SQLAlchemy's own lookups (a member,
+    # or that text given as a string); decoding returns what the plain column
+    # returns for that text (the member for an enum class, else the string).
+    # Unknown strings are refused even without validate_strings: no database
+    # can check an encrypted value, and the plain column could not read it.
+    stored = {
+        key: text.encode("utf-8") for key, text in inner._valid_lookup.items() if text is not None
+    }
+    objects = {
+        text.encode("utf-8"): value
+        for text, value in inner._object_lookup.items()
+        if text is not None
+    }
+    max_size = 4 * max((len(text) for text in inner.enums), default=1)
 
     def encode(value: Any) -> bytes:
-        if enum_class is not None and isinstance(value, enum_class):
-            name: str = value.name
-        elif isinstance(value, str):
-            name = value
-        else:
-            raise _wrong_type(value, "a member of the enumeration")
-        if name not in allowed:
-            raise EncryptionError("value is not one of the enumeration's members")
-        return name.encode("utf-8")
+        try:
+            return stored[value]
+        except (KeyError, TypeError):  # TypeError: unhashable, so not a member either
+            if isinstance(value, str):
+                raise EncryptionError("value is not one of the enumeration's members") from None
+            raise _wrong_type(value, "a member of the enumeration") from None
 
-    def decode(raw: bytes) -> Any:
-        name = raw.decode("utf-8")
-        if enum_class is not None:
-            return enum_class[name]
-        return name
-
-    return Codec("Enum", encode, decode, max_size)
+    return Codec("Enum", encode, objects.__getitem__, max_size)
 
 
 _INT_BITS = {sqltypes.SmallInteger: 16, sqltypes.BigInteger: 64}
@@ -178,9 +194,17 @@ def _float_codec(inner: sqltypes.Float[Any]) -> Codec:
     asdecimal = bool(inner.asdecimal)
 
     def encode(value: Any) -> bytes:
+        if value.__class__ is float:
+            return repr(value).encode("ascii")
         if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
             raise _wrong_type(value, "float")
-        return repr(float(value)).encode("ascii")
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the range
+            number = math.inf
+        if math.isinf(number) and not (isinstance(value, float) or _is_infinite(value)):
+            raise EncryptionError("number out of the range of a float")
+        return repr(number).encode("ascii")
 
     def decode(raw: bytes) -> Any:
         text = raw.decode("ascii")
@@ -193,24 +217,77 @@ def _numeric_codec(inner: sqltypes.Numeric[Any]) -> Codec:
     asdecimal = bool(inner.asdecimal)
     precision = inner.precision
 
-    def encode(value: Any) -> bytes:
-        if isinstance(value, Decimal) or (isinstance(value, int) and not isinstance(value, bool)):
-            text = str(value)
-        elif isinstance(value, float):
-            text = repr(value)
-        else:
-            raise _wrong_type(value, "Decimal")
-        if len(text) > max_size:
-            raise ValueTooLongError(f"number has {len(text)} digits and signs; too many")
-        return text.encode("ascii")
-
     def decode(raw: bytes) -> Any:
         number = Decimal(raw.decode("ascii"))
         return number if asdecimal else float(number)
 
-    # digits, sign, point and an exponent such as "E+123"
-    max_size = (precision + 12) if precision else 128
-    return Codec("Numeric", encode, decode, max_size)
+    if precision is None:
+        return Codec("Numeric", _unbounded_numeric, decode, _UNBOUNDED_NUMERIC)
+    return Codec("Numeric", _bounded_numeric(precision, inner.scale or 0), decode, precision + 12)
+
+
+# Numeric without a precision is PostgreSQL's unconstrained NUMERIC: values are
+# kept exactly as given, up to this many characters of text.
+_UNBOUNDED_NUMERIC = 128
+
+
+def _as_decimal(value: Any) -> Decimal:
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Decimal(value)
+    if isinstance(value, float):
+        return Decimal(repr(value))  # the float's shortest text, not its binary expansion
+    raise _wrong_type(value, "Decimal")
+
+
+def _unbounded_numeric(value: Any) -> bytes:
+    if value.__class__ is Decimal:  # the common case first: this is the hot path
+        text = str(value)
+    elif isinstance(value, float):
+        text = repr(value)
+    else:
+        text = str(_as_decimal(value))
+    if len(text) > _UNBOUNDED_NUMERIC:
+        raise ValueTooLongError(f"number has {len(text)} digits and signs; too many")
+    return text.encode("ascii")
+
+
+def _bounded_numeric(precision: int, scale: int) -> Callable[[Any], bytes]:
+    """The encoder of ``Numeric(precision, scale)`` (``NUMERIC(p)`` has scale 0).
+
+    The value is written with exactly ``scale`` digits after the point, as the
+    plain column returns it (``1.5`` is stored ``1.50``); a value the plain
+    column would round (more digits after the point) or refuse (more than
+    ``precision - scale`` before it) is refused instead.
+    """
+    step = Decimal(1).scaleb(-scale)
+    zero = Decimal(0).quantize(step)
+    # quantize raises Inexact when it would round, InvalidOperation when the
+    # result needs more than ``precision`` digits; either is checked before any
+    # digit of a huge exponent is written out
+    exact = Context(prec=precision, traps=[Inexact, InvalidOperation])
+
+    def encode(value: Any) -> bytes:
+        number = value if value.__class__ is Decimal else _as_decimal(value)
+        if not number.is_finite():
+            raise EncryptionError("number is not finite; the column holds finite numbers only")
+        try:
+            number = number.quantize(step, None, exact)  # positional: 3x faster than context=
+        except Inexact:
+            raise EncryptionError(
+                f"number has more than {scale} digits after the point; the column would round it"
+            ) from None
+        except InvalidOperation:
+            raise ValueTooLongError(
+                f"number has more than {precision - scale} digits before the point; the "
+                f"column holds Numeric({precision}, {scale})"
+            ) from None
+        if not number:
+            number = zero  # no negative zero: the column returns 0.00
+        return str(number).encode("ascii")
+
+    return encode
 
 
 def _boolean_codec(inner: sqltypes.Boolean) -> Codec:
@@ -336,6 +413,10 @@ def _binary_codec(inner: sqltypes._Binary) -> Codec:
     return Codec("LargeBinary", encode, decode, length)
 
 
+def _is_infinite(value: Any) -> bool:
+    return isinstance(value, Decimal) and value.is_infinite()
+
+
 def _legacy_boolean(data: bytes) -> bool:
     text = data.decode("ascii").strip().lower()
     if text in ("1", "t", "true", "y", "yes", "on"):
@@ -366,7 +447,9 @@ def codec_for(inner: sqltypes.TypeEngine[Any]) -> Codec:
     """The codec of an inner type instance; :class:`ConfigurationError` if unsupported."""
     for cls, factory in _FACTORIES:
         if isinstance(inner, cls):
-            return factory(inner)
+            codec = factory(inner)
+            codec.inner = inner
+            return codec
     raise ConfigurationError(
         f"KMSEncrypted cannot encrypt {type(inner).__name__}; supported inner types: "
         f"{SUPPORTED_TYPES}"

@@ -8,9 +8,11 @@ bounds and the exact reason of every refusal.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import enum
 import math
+import pickle
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -116,6 +118,47 @@ def test_codec_names_and_max_sizes(inner: Any, name: str, max_size: int | None) 
     assert repr(codec) == f"<Codec {name} max_size={max_size}>"
 
 
+@pytest.mark.parametrize(
+    ("inner", "value"),
+    [
+        (String(20), "김민지"),
+        (Text(), "x"),
+        (Integer(), 7),
+        (Float(), 1.5),
+        (Numeric(10, 2), Decimal("1.5")),
+        (Numeric(), Decimal("1.5")),
+        (Enum(Color), Color.RED),
+        (Enum("a", "b"), "b"),
+        (Boolean(), True),
+        (Date(), dt.date(2024, 2, 29)),
+        (DateTime(), dt.datetime(2024, 2, 29, 10, 30)),
+        (Time(), dt.time(10, 30)),
+        (Uuid(), UID),
+        (JSON(), {"a": [1]}),
+        (LargeBinary(4), b"ab"),
+    ],
+)
+def test_a_codec_pickles_as_its_inner_type(inner: Any, value: Any) -> None:
+    codec = codec_for(inner)
+    assert codec.inner is inner
+    for clone in (pickle.loads(pickle.dumps(codec)), copy.deepcopy(codec)):
+        assert type(clone) is Codec and clone is not codec
+        assert repr(clone) == repr(codec)
+        assert clone.encode(value) == codec.encode(value)
+        assert clone.decode(codec.encode(value)) == value
+        assert clone.legacy_text(value) == codec.legacy_text(value)
+        assert type(clone.inner) is type(inner)
+    assert copy.copy(codec) is not codec
+
+
+def test_a_codec_not_made_by_codec_for_does_not_pickle() -> None:
+    codec = Codec("Raw", bytes, bytes, None)
+    assert codec.inner is None
+    with pytest.raises(TypeError) as info:
+        pickle.dumps(codec)
+    assert str(info.value) == "only a codec made by codec_for() can be pickled"
+
+
 def test_an_enum_without_members_still_has_a_size() -> None:
     assert codec_for(Enum()).max_size == 4
 
@@ -172,6 +215,97 @@ def test_enum_class_stores_member_names() -> None:
     # a member's value is not its name
     assert refusal(codec, "r") == "value is not one of the enumeration's members"
     assert refusal(codec, None) == "expected a member of the enumeration, got NoneType"
+    assert refusal(codec, Shade.DARK) == "expected a member of the enumeration, got Shade"
+
+
+class Shade(enum.Enum):
+    LIGHT = "light"
+    DARK = "dark"
+    PALE = "light"  # an alias of LIGHT
+
+
+class Level(str, enum.Enum):
+    LOW = "low"
+    HIGH = "HIGHEST"
+
+
+def _values(enum_class: type[enum.Enum]) -> list[str]:
+    return [member.value for member in enum_class]
+
+
+@pytest.mark.parametrize(
+    ("inner", "given", "stored", "read"),
+    [
+        (Enum(Shade, values_callable=_values), Shade.DARK, b"dark", Shade.DARK),
+        (Enum(Shade, values_callable=_values), "light", b"light", Shade.LIGHT),
+        (Enum(Shade, values_callable=_values), Shade.PALE, b"light", Shade.LIGHT),
+        (Enum(Shade), Shade.PALE, b"LIGHT", Shade.LIGHT),
+        (Enum(Level, values_callable=_values), Level.HIGH, b"HIGHEST", Level.HIGH),
+        (Enum(Level, values_callable=_values), "low", b"low", Level.LOW),
+        (Enum(Level), "low", b"LOW", Level.LOW),  # a str member is equal to its value
+        (Enum(Level), Level.HIGH, b"HIGH", Level.HIGH),
+        (Enum("a", "b", native_enum=False, length=10, validate_strings=True), "b", b"b", "b"),
+    ],
+)
+def test_enum_stores_what_the_plain_column_stores(
+    inner: Any, given: Any, stored: bytes, read: Any
+) -> None:
+    codec = codec_for(inner)
+    assert codec.encode(given) == stored
+    assert codec.decode(stored) == read and type(codec.decode(stored)) is type(read)
+    assert inner._db_value_for_elem(given).encode() == stored  # the plain column's own
+    assert inner._object_value_for_elem(stored.decode()) == read
+    assert codec.legacy_text(given) == stored
+    assert codec.from_legacy(stored.decode()) == read
+
+
+@pytest.mark.parametrize(
+    ("inner", "value"),
+    [
+        (Enum(Shade, values_callable=_values), "DARK"),
+        (Enum(Shade, values_callable=_values), "PALE"),
+        (Enum(Shade), "dark"),
+        (Enum(Shade), "PALE"),  # an alias's name is not among the values
+        (Enum(Level, values_callable=_values), "HIGH"),
+        (Enum("a", "b"), "c"),
+        (Enum("a", "b", validate_strings=True), "A"),
+        (Enum(), "a"),
+    ],
+)
+def test_enum_refuses_unknown_strings_whatever_validate_strings_says(
+    inner: Any, value: str
+) -> None:
+    assert refusal(codec_for(inner), value) == "value is not one of the enumeration's members"
+
+
+@pytest.mark.parametrize(("value", "got"), [([1], "list"), ({}, "dict"), (b"a", "bytes")])
+def test_enum_refuses_other_types_even_unhashable_ones(value: Any, got: str) -> None:
+    assert (
+        refusal(codec_for(Enum("a")), value) == f"expected a member of the enumeration, got {got}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("inner", "stored"),
+    [
+        (Enum(Shade, values_callable=_values), b"DARK"),
+        (Enum(Shade), b"dark"),
+        (Enum(Shade), b"PALE"),  # an alias's name is not a stored value
+        (Enum("a", "b"), b"c"),
+        (Enum("a", "b"), b"\xff"),
+    ],
+)
+def test_enum_does_not_decode_what_is_not_one_of_its_values(inner: Any, stored: bytes) -> None:
+    # the plain column raises LookupError for such a value; KeyError is a
+    # lookup error too, and what the column type turns into DecryptionError
+    with pytest.raises(KeyError):
+        codec_for(inner).decode(stored)
+
+
+def test_enum_sizes_count_the_stored_values() -> None:
+    assert codec_for(Enum(Shade, values_callable=_values)).max_size == 20
+    assert codec_for(Enum(Shade)).max_size == 20
+    assert codec_for(Enum(Level, values_callable=_values)).max_size == 28
 
 
 def test_non_ascii_enum_member() -> None:
@@ -228,9 +362,43 @@ def test_float_encodes_the_shortest_repr() -> None:
     assert codec.encode(0.1 + 0.2) == b"0.30000000000000004"
     assert codec.encode(3) == b"3.0"
     assert codec.encode(Decimal("1.5")) == b"1.5"
+    assert codec.encode(Decimal("0.1")) == b"0.1"
     assert codec.decode(b"-0.0") == 0.0 and math.copysign(1, codec.decode(b"-0.0")) == -1
     assert codec_for(Float(asdecimal=True)).decode(b"1.25") == Decimal("1.25")
     assert type(codec_for(Float(asdecimal=True)).decode(b"1.25")) is Decimal
+
+
+class _Float(float):
+    """A float subclass, as some libraries' scalars are."""
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [
+        (math.inf, b"inf"),
+        (-math.inf, b"-inf"),
+        (math.nan, b"nan"),
+        (_Float(math.inf), b"inf"),
+        (_Float(2.5), b"2.5"),
+        (Decimal("Infinity"), b"inf"),
+        (Decimal("-Infinity"), b"-inf"),
+        (Decimal("NaN"), b"nan"),
+        (1e308, b"1e+308"),
+        (Decimal("1.7976931348623157E+308"), b"1.7976931348623157e+308"),
+        (2**1023, b"8.98846567431158e+307"),
+        (Decimal("1E-400"), b"0.0"),  # below the smallest float: zero, as the column
+    ],
+)
+def test_float_keeps_infinities_and_nan_given_as_such(value: Any, stored: bytes) -> None:
+    assert codec_for(Float()).encode(value) == stored
+
+
+@pytest.mark.parametrize(
+    "value", [10**400, -(10**400), 2**1024, Decimal("1E+400"), Decimal("-1E+309")]
+)
+def test_float_refuses_numbers_beyond_its_range(value: Any) -> None:
+    assert refusal(codec_for(Float()), value) == "number out of the range of a float"
+    assert refusal(codec_for(Double()), value) == "number out of the range of a float"
 
 
 @pytest.mark.parametrize(("value", "got"), [(True, "bool"), ("1.5", "str"), (None, "NoneType")])
@@ -238,31 +406,153 @@ def test_float_refuses_bools_and_strings(value: Any, got: str) -> None:
     assert refusal(codec_for(Float()), value) == f"expected float, got {got}"
 
 
-def test_numeric_keeps_decimals_exactly() -> None:
+def test_numeric_writes_the_columns_scale() -> None:
     codec = codec_for(Numeric(10, 2))
     assert codec.encode(Decimal("-12345678.90")) == b"-12345678.90"
-    assert codec.encode(7) == b"7"
-    assert codec.encode(0.5) == b"0.5"
+    assert codec.encode(Decimal("1.5")) == b"1.50"
+    assert codec.encode(Decimal("1.500")) == b"1.50"
+    assert codec.encode(Decimal("1E+2")) == b"100.00"
+    assert codec.encode(Decimal("0.000E+3")) == b"0.00"
+    assert codec.encode(7) == b"7.00"
+    assert codec.encode(-7) == b"-7.00"
+    assert codec.encode(0.5) == b"0.50"
+    assert codec.encode(0.1) == b"0.10"  # the float's shortest text, not its binary value
     assert codec.decode(b"1.50") == Decimal("1.50")
+    assert str(codec.decode(b"1.5")) == "1.5"  # stored by earlier versions: read as stored
     as_float = codec_for(Numeric(10, 2, asdecimal=False))
     assert as_float.decode(b"1.50") == 1.5 and type(as_float.decode(b"1.50")) is float
 
 
+class _Decimal(Decimal):
+    """A Decimal subclass: not the hot path's exact class, the same value."""
+
+
+def test_numeric_takes_decimal_subclasses() -> None:
+    assert codec_for(Numeric(10, 2)).encode(_Decimal("1.5")) == b"1.50"
+    assert codec_for(Numeric()).encode(_Decimal("1.5")) == b"1.5"
+
+
+@pytest.mark.parametrize("zero", [Decimal("-0.00"), Decimal("-0"), Decimal("-0E-9"), -0.0, 0])
+def test_numeric_zero_has_no_sign(zero: Any) -> None:
+    assert codec_for(Numeric(10, 2)).encode(zero) == b"0.00"
+    assert codec_for(Numeric(3)).encode(zero) == b"0"
+
+
+@pytest.mark.parametrize(
+    ("inner", "largest"),
+    [
+        (Numeric(10, 2), "99999999.99"),
+        (Numeric(5), "99999"),
+        (Numeric(2, 2), "0.99"),
+        (Numeric(40, 10), "9" * 30 + "." + "9" * 10),
+    ],
+)
+def test_numeric_precision_bound(inner: Any, largest: str) -> None:
+    codec = codec_for(inner)
+    scale = inner.scale or 0
+    for sign in ("", "-"):
+        assert codec.encode(Decimal(sign + largest)) == (sign + largest).encode()
+        assert len(codec.encode(Decimal(sign + largest))) <= (codec.max_size or 0)
+        beyond = Decimal(sign + largest) + (Decimal(1).scaleb(-scale) * (-1 if sign else 1))
+        with pytest.raises(ValueTooLongError) as info:
+            codec.encode(beyond)
+        assert info.value.reason == (
+            f"number has more than {inner.precision - scale} digits before the point; "
+            f"the column holds Numeric({inner.precision}, {scale})"
+        )
+
+
+@pytest.mark.parametrize(
+    ("inner", "value"),
+    [
+        (Numeric(10, 2), Decimal("123.456")),
+        (Numeric(10, 2), Decimal("0.001")),
+        (Numeric(10, 2), Decimal("-0.001")),
+        (Numeric(10, 2), 0.125),
+        (Numeric(5), Decimal("1.5")),
+        (Numeric(5), 0.5),
+        (Numeric(40, 10), Decimal("1." + "0" * 10 + "1")),
+    ],
+)
+def test_numeric_refuses_digits_beyond_the_scale(inner: Any, value: Any) -> None:
+    codec = codec_for(inner)
+    with pytest.raises(EncryptionError) as info:
+        codec.encode(value)
+    assert not isinstance(info.value, ValueTooLongError)
+    assert info.value.reason == (
+        f"number has more than {inner.scale or 0} digits after the point; the column would round it"
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        Decimal("1E+5000"),
+        Decimal("-1E+999999"),
+        10**40,
+        pytest.param(10**5000, id="10**5000"),
+        1e300,
+    ],
+)
+def test_numeric_refuses_huge_values_before_writing_their_digits(value: Any) -> None:
+    with pytest.raises(ValueTooLongError):
+        codec_for(Numeric(10, 2)).encode(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        Decimal("NaN"),
+        Decimal("-sNaN"),
+        Decimal("Infinity"),
+        Decimal("-Infinity"),
+        math.inf,
+        math.nan,
+    ],
+)
+def test_numeric_with_precision_refuses_non_finite_numbers(value: Any) -> None:
+    assert refusal(codec_for(Numeric(10, 2)), value) == (
+        "number is not finite; the column holds finite numbers only"
+    )
+
+
+def test_numeric_without_precision_keeps_the_value_as_given() -> None:
+    codec = codec_for(Numeric())
+    for value, stored in [
+        (Decimal("123.456"), b"123.456"),
+        (Decimal("1E+5000"), b"1E+5000"),
+        (Decimal("1.5"), b"1.5"),
+        (Decimal("-0.00"), b"-0.00"),
+        (Decimal("NaN"), b"NaN"),
+        (7, b"7"),
+        (1e16, b"1e+16"),
+        (0.1, b"0.1"),
+    ]:
+        assert codec.encode(value) == stored
+    # a scale without a precision is not in the DDL either (NUMERIC)
+    assert codec_for(Numeric(scale=2)).encode(Decimal("1.234")) == b"1.234"
+
+
+@pytest.mark.parametrize("inner", [Numeric(10, 2), Numeric()])
 @pytest.mark.parametrize(
     ("value", "got"), [(True, "bool"), (False, "bool"), ("1.50", "str"), (None, "NoneType")]
 )
-def test_numeric_refuses_bools_and_strings(value: Any, got: str) -> None:
-    assert refusal(codec_for(Numeric(10, 2)), value) == f"expected Decimal, got {got}"
+def test_numeric_refuses_bools_and_strings(inner: Any, value: Any, got: str) -> None:
+    assert refusal(codec_for(inner), value) == f"expected Decimal, got {got}"
 
 
-@pytest.mark.parametrize(("inner", "max_size"), [(Numeric(10, 2), 22), (Numeric(), 128)])
-def test_numeric_text_bound(inner: Any, max_size: int) -> None:
-    codec = codec_for(inner)
-    longest = Decimal("9" * max_size)
-    assert codec.encode(longest) == b"9" * max_size
+def test_numeric_text_bound_without_precision() -> None:
+    codec = codec_for(Numeric())
+    assert codec.max_size == 128
+    assert codec.encode(Decimal("9" * 128)) == b"9" * 128
+    assert codec.encode(-(10**126)) == b"-1" + b"0" * 126
+    for value in (Decimal("9" * 129), -(10**127)):
+        with pytest.raises(ValueTooLongError) as info:
+            codec.encode(value)
+        assert info.value.reason == "number has 129 digits and signs; too many"
     with pytest.raises(ValueTooLongError) as info:
-        codec.encode(Decimal("9" * (max_size + 1)))
-    assert info.value.reason == f"number has {max_size + 1} digits and signs; too many"
+        codec.encode(10**5000)  # beyond the digits str(int) converts
+    assert info.value.reason == "number has 5001 digits and signs; too many"
 
 
 # -- booleans ---------------------------------------------------------------------------
