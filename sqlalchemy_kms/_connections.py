@@ -64,11 +64,16 @@ class Connections:
     """
 
     def __init__(
-        self, engine: Engine, *, on_rollback: Callable[[dict[Any, Any]], object] | None = None
+        self,
+        engine: Engine,
+        *,
+        on_commit: Callable[[dict[Any, Any]], object] | None = None,
+        on_rollback: Callable[[dict[Any, Any]], object] | None = None,
     ) -> None:
         self.engine = engine
         self.shares_writer = engine.dialect.name == "sqlite"
         self.is_async = bool(engine.dialect.is_async)
+        self._on_commit = on_commit
         self._on_rollback = on_rollback
 
     def __repr__(self) -> str:
@@ -83,7 +88,9 @@ class Connections:
         event.listen(self.engine, "rollback", self._rolled_back)
 
     def _committed(self, conn: Connection) -> None:
-        conn.info.pop(_PENDING_INFO, None)
+        pending = conn.info.pop(_PENDING_INFO, None)
+        if pending and self._on_commit is not None:
+            self._on_commit(pending)  # keys that now exist for everyone
 
     def _rolled_back(self, conn: Connection) -> None:
         pending = conn.info.pop(_PENDING_INFO, None)

@@ -181,7 +181,9 @@ class KeyVault:
         #: The unwrapped keys of this process.
         self.keys = KeyStore(cache_max_entries, cache_max_age, refresh_interval)
         self.refresh_interval = float(refresh_interval)
-        self.connections = Connections(sync_engine, on_rollback=self._discard_pending)
+        self.connections = Connections(
+            sync_engine, on_commit=self._adopt_pending, on_rollback=self._discard_pending
+        )
         self._is_async = bool(sync_engine.dialect.is_async)
         self.loader = KeyLoader(
             self.key_table,
@@ -214,6 +216,12 @@ class KeyVault:
 
     def _discard_pending(self, pending: Mapping[Any, Any]) -> None:
         self.statements.discard_pending(pending)
+
+    def _adopt_pending(self, pending: Mapping[Any, Any]) -> None:
+        """Keys made inside a transaction that committed: held like any other key."""
+        for key, cipher in pending.items():
+            if isinstance(key, tuple) and isinstance(key[0], KeySeries):
+                self.keys.put(key[0], cipher)
 
     def _bind(self, replace: bool) -> None:
         dialect = self.engine.dialect
@@ -526,14 +534,16 @@ class KeyVault:
         """
         source = self._unwrapping
         scope = None if table is None else scope_of(table)
-        done = rewrap_jobs.rewrap(self.key_table, self.connections, source, provider, scope=scope)
         if provider is not self.provider:
+            # both master keys unwrap from now on: if the rewrap stops half way (a KMS
+            # outage, a refused row), the keys already moved stay readable
             self._unwrapping = (
                 source.with_primary(provider)
                 if isinstance(source, MultiKms)
                 else MultiKms(provider, source)
             )
-            self.provider = provider
+        done = rewrap_jobs.rewrap(self.key_table, self.connections, source, provider, scope=scope)
+        self.provider = provider
         return done
 
     @database_work
