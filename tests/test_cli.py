@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import sqlite3
 import subprocess
@@ -418,3 +419,102 @@ def test_options_are_kept_on_the_context_object(tmp_path: Path) -> None:
         KmsUri("local", "m.key"),
         "app.keys",
     )
+
+
+# -- the options every key command shares ------------------------------------------------------
+
+KEY_COMMANDS = (
+    "status",
+    "verify",
+    "rotate",
+    "reencrypt",
+    "rewrap",
+    "retire",
+    "destroy",
+    "export-keys",
+    "import-keys",
+    "create-table",
+    "create-keys",
+    "policy",
+)
+SHARED = ("--db", "--kms", "--models", "--key-table")
+
+
+def test_every_key_command_takes_the_shared_options() -> None:
+    assert set(KEY_COMMANDS) == set(cli.commands) - {"demo"}
+    for name in KEY_COMMANDS:
+        command = cli.commands[name]
+        options = {opt for param in command.params for opt in param.opts}
+        assert set(SHARED) <= options, name
+        result = CliRunner().invoke(cli, [name, "--help"])
+        assert result.exit_code == 0
+        for option in SHARED:
+            assert re.search(rf"^\s+{option} ", result.output, re.MULTILINE), (name, option)
+
+
+@pytest.fixture
+def shared_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """All four shared options, for a SQLite database in ``tmp_path``; the models are
+    the test models with a key table of their own (``cli_kms_keys``)."""
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    key = tmp_path / "master.key"
+    LocalKms.generate_key_file(key)
+    return [
+        "--db",
+        f"sqlite:///{tmp_path / 'app.db'}",
+        "--kms",
+        f"local://{key}",
+        "--models",
+        "tests.cli_models:Base",
+        "--key-table",
+        "cli_kms_keys",
+    ]
+
+
+def test_options_a_command_does_not_use_are_accepted_and_ignored(
+    shared_args: list[str], tmp_path: Path
+) -> None:
+    def ok(*args: str) -> Result:
+        result = CliRunner().invoke(cli, [*args, *shared_args])
+        assert result.exit_code == 0, result.output
+        return result
+
+    assert "cli_kms_keys is ready" in ok("create-table").output
+    assert "cli_patients: data key version 1" in ok("create-keys").output
+    export = tmp_path / "keys.json"
+    assert "exported " in ok("export-keys", "--output", str(export)).output
+    assert "already present" in ok("import-keys", str(export)).output
+    new_key = tmp_path / "new.key"
+    LocalKms.generate_key_file(new_key)
+    assert "rewrapped " in ok("rewrap", "--to", f"local://{new_key}").output
+    # a --models that does not import is refused only where the models are used
+    broken = [*shared_args]
+    broken[broken.index("--models") + 1] = "no_such_module:Base"
+    assert CliRunner().invoke(cli, ["create-table", *broken]).exit_code == 0
+    assert CliRunner().invoke(cli, ["status", *broken]).exit_code == 2
+
+
+def test_policy_ignores_the_database_and_takes_its_tables_from_the_models(
+    shared_args: list[str],
+) -> None:
+    role = "arn:aws:iam::111122223333:role/app"
+    result = CliRunner().invoke(cli, ["policy", "--role-arn", role, *shared_args])
+    assert result.exit_code == 0, result.output
+    [statement] = json.loads(result.stdout)["Statement"]
+    tables = statement["Condition"]["StringEquals"]["kms:EncryptionContext:table"]
+    assert set(tables) == {"cli_patients", "cli_visits"}  # cli_wards has no encrypted column
+    assert not (Path(shared_args[1].removeprefix("sqlite:///"))).exists()  # no database opened
+    chosen = CliRunner().invoke(
+        cli, ["policy", "--role-arn", role, "--table", "cli_visits", *shared_args]
+    )
+    assert chosen.exit_code == 0, chosen.output
+    [statement] = json.loads(chosen.stdout)["Statement"]
+    assert statement["Condition"]["StringEquals"]["kms:EncryptionContext:table"] == ["cli_visits"]
+    unknown = CliRunner().invoke(
+        cli, ["policy", "--role-arn", role, "--table", "nope", *shared_args]
+    )
+    assert unknown.exit_code == 2
+    assert "no table 'nope'" in unknown.output
+    missing = CliRunner().invoke(cli, ["policy", "--role-arn", role])
+    assert missing.exit_code == 2
+    assert "Missing option '--table'. Give --table (repeat it), or --models." in missing.output

@@ -23,21 +23,31 @@ or key id. The database file is created afresh on every run.
 Key lifecycle
 -------------
 The other commands are thin layers over :class:`~sqlalchemy_kms.KeyVault`
-for an application's own database. They share these options:
+for an application's own database. Every one of them takes these four
+options; one a command does not use is accepted and ignored (its ``--help``
+says so), so the same options, or environment variables, serve every command:
 
 ``--db URL``
     SQLAlchemy URL of the database (env ``SQLALCHEMY_KMS_DB``).
 ``--kms URI``
     The master key: ``aws-kms://KEY`` or ``local://PATH`` (a LocalKms key
-    file) (env ``SQLALCHEMY_KMS_KMS``). Commands that never call the KMS
-    (status, retire, destroy, export-keys, import-keys, create-table) do
-    without it.
+    file) (env ``SQLALCHEMY_KMS_KMS``). Required by the commands that call
+    the KMS (create-keys, rotate, reencrypt, rewrap, verify); the others
+    (status, retire, destroy, export-keys, import-keys, create-table, policy)
+    ignore it.
 ``--models MODULE:ATTR``
     The application's ``MetaData``, or a declarative ``Base`` or
     ``registry`` whose ``.metadata`` is used; the current folder is put on
-    ``sys.path``, so run from the application's folder.
+    ``sys.path``, so run from the application's folder. Required by
+    create-keys, status, rotate, reencrypt, retire and verify; used when
+    given by destroy (to check ``--table``) and policy (its encrypted tables
+    are the default ``--table`` values); ignored by create-table, rewrap,
+    export-keys and import-keys.
 ``--key-table NAME``
     The key table (``kms_data_keys``; ``SCHEMA.NAME`` for another schema).
+
+``policy`` uses no database and no KMS: it ignores ``--db``, ``--kms`` and
+``--key-table`` too.
 
 A key rotation, start to end::
 
@@ -60,11 +70,14 @@ Backups, checks, a new master key and the KMS key policy::
     sqlalchemy-kms rewrap --to aws-kms://alias/new-cmk     # --kms: the current master key
     sqlalchemy-kms policy --role-arn arn:aws:iam::111122223333:role/app \
         --table patients --table visits --admin-role-arn arn:aws:iam::111122223333:role/ops
+    sqlalchemy-kms policy --role-arn arn:aws:iam::111122223333:role/app \
+        --models myapp.models:Base                         # every encrypted table
 
 Errors of the library (a KMS that refuses, a key that does not exist, a
 refused lifecycle step, ...) and of the database are reported as one line
 and exit status 1; wrong options exit with status 2. ``verify`` exits with
-status 1 when any value does not decrypt.
+status 1 when any value does not decrypt, and 3 when none failed but some
+could not be checked (the KMS could not be reached or denied access).
 
 The package holds one module per command group, each a thin layer over the
 library: :mod:`._demo` (``demo``), :mod:`._keys` (``create-table``,
@@ -72,7 +85,8 @@ library: :mod:`._demo` (``demo``), :mod:`._keys` (``create-table``,
 ``destroy``, ``export-keys``, ``import-keys``), :mod:`._reports` (``status``,
 ``verify``) and :mod:`._policy` (``policy``). :mod:`._context` holds the
 context object the key commands share (``--db``, ``--kms``, ``--models``,
-``--key-table``; it opens the vault) and the KMS URI parameter type;
+``--key-table``: :func:`._context.shared_options`; it opens the vault) and the
+KMS URI parameter type;
 :mod:`._output` how they print.
 """
 
@@ -154,9 +168,10 @@ def cli(ctx: click.Context) -> None:
     """sqlalchemy-kms: transparent SQLAlchemy column encryption with KMS-wrapped data keys.
 
     Run "sqlalchemy-kms demo" to see it encrypt, store and decrypt a few rows.
-    The other commands manage the keys of an application's database; they
-    take --db URL (or SQLALCHEMY_KMS_DB), --kms URI (or SQLALCHEMY_KMS_KMS),
-    --models MODULE:ATTR and --key-table NAME. See "sqlalchemy-kms COMMAND --help".
+    The other commands manage the keys of an application's database; each
+    takes --db URL (or SQLALCHEMY_KMS_DB), --kms URI (or SQLALCHEMY_KMS_KMS),
+    --models MODULE:ATTR and --key-table NAME, and ignores those it does not
+    use. See "sqlalchemy-kms COMMAND --help".
     """
     ctx.obj = CliContext()
 

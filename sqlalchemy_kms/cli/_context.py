@@ -1,15 +1,15 @@
 """What the key commands share: the context object that opens the vault, and their options.
 
-The group puts one :class:`CliContext` on ``click.Context.obj``; the shared
-options (``--db``, ``--kms``, ``--models``, ``--key-table``) store their
-values on it as they are parsed, and a command asks it for the tables named
-by ``--table`` and for the vault::
+The group puts one :class:`CliContext` on ``click.Context.obj``. Every key
+command takes the same four options, ``--db``, ``--kms``, ``--models`` and
+``--key-table`` (:func:`shared_options`); each command says which of them it
+needs, and one it does not use is accepted and ignored, never refused, so one
+command line (or one set of environment variables) serves every command. The
+options store their values on the context as they are parsed, and a command
+asks it for the tables named by ``--table`` and for the vault::
 
     @click.command()
-    @db_option
-    @kms_option(required=True)
-    @models_option(required=True)
-    @key_table_option
+    @shared_options(kms="required", models="required")
     @pass_cli
     def command(cli: CliContext) -> None:
         with cli.open_vault() as vault:
@@ -27,7 +27,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import click
 from sqlalchemy import MetaData, Table, create_engine, exc
@@ -53,6 +53,7 @@ __all__ = [
     "load_metadata",
     "models_option",
     "pass_cli",
+    "shared_options",
     "table_option",
 ]
 
@@ -62,6 +63,9 @@ DB_ENV: Final = "SQLALCHEMY_KMS_DB"
 KMS_ENV: Final = "SQLALCHEMY_KMS_KMS"
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+#: How a command uses one of the shared options: it must be given, it may be, or it is
+#: accepted and ignored.
+Use = Literal["required", "optional", "ignored"]
 
 
 if TYPE_CHECKING:
@@ -324,7 +328,13 @@ def kms_option(*, required: bool) -> Decorator:
     )
 
 
-def models_option(*, required: bool) -> Decorator:
+_MODELS_HELP: Final = (
+    "The application's MetaData, or a declarative Base or registry whose "
+    ".metadata is used (e.g. myapp.models:Base); the current folder is on sys.path."
+)
+
+
+def models_option(*, required: bool, help: str | None = None) -> Decorator:
     """``--models``: the application's ``MetaData`` (loaded when a command asks)."""
     return click.option(
         "--models",
@@ -332,9 +342,57 @@ def models_option(*, required: bool) -> Decorator:
         required=required,
         expose_value=False,
         callback=_store("models"),
-        help="The application's MetaData, or a declarative Base or registry whose "
-        ".metadata is used (e.g. myapp.models:Base); the current folder is on sys.path.",
+        help=help or _MODELS_HELP,
     )
+
+
+def _ignored(name: str, metavar: str, why: str, envvar: str | None = None) -> Decorator:
+    """An option a command accepts, so that shared command lines work, and ignores."""
+    return click.option(
+        name,
+        metavar=metavar,
+        envvar=envvar,
+        expose_value=False,
+        help=f"Accepted and ignored: {why}.",
+    )
+
+
+def shared_options(
+    *,
+    kms: Use,
+    models: Use,
+    db: Literal["required", "ignored"] = "required",
+    key_table: Literal["optional", "ignored"] = "optional",
+    models_help: str | None = None,
+) -> Decorator:
+    """``--db``, ``--kms``, ``--models`` and ``--key-table``, as one command uses them.
+
+    ``"required"``: the command needs it; ``"optional"``: it uses it when given
+    (``--key-table`` has a default); ``"ignored"``: accepted, checked only as
+    far as its type goes, and unused. ``--kms`` is never merely optional: a
+    command that calls the KMS requires it.
+    """
+    if kms == "optional":
+        raise ValueError("--kms is required or ignored")
+    options = [
+        db_option
+        if db != "ignored"
+        else _ignored("--db", "URL", "this command does not use the database", DB_ENV),
+        kms_option(required=kms == "required"),
+        models_option(required=models == "required", help=models_help)
+        if models != "ignored"
+        else _ignored("--models", "MODULE:ATTR", "this command does not use the models"),
+        key_table_option
+        if key_table != "ignored"
+        else _ignored("--key-table", "NAME", "this command does not use the key table"),
+    ]
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):  # --db first in --help
+            command = option(command)
+        return command
+
+    return apply
 
 
 def batch_size_option(help: str) -> Decorator:

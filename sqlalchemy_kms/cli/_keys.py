@@ -24,11 +24,8 @@ from ._context import (
     CliContext,
     KmsUriType,
     batch_size_option,
-    db_option,
-    key_table_option,
-    kms_option,
-    models_option,
     pass_cli,
+    shared_options,
     table_option,
 )
 from ._output import key_name, one_line
@@ -53,9 +50,7 @@ __all__ = [
 
 
 @click.command("create-table")
-@db_option
-@kms_option(required=False)
-@key_table_option
+@shared_options(kms="ignored", models="ignored")
 @pass_cli
 def create_table(cli: CliContext) -> None:
     """Create the key table if it does not exist (safe to run again)."""
@@ -65,10 +60,7 @@ def create_table(cli: CliContext) -> None:
 
 
 @click.command("create-keys")
-@db_option
-@kms_option(required=True)
-@models_option(required=True)
-@key_table_option
+@shared_options(kms="required", models="required")
 @table_option(required=False, help="Make this table's keys only (default: every encrypted table).")
 @pass_cli
 def create_keys(cli: CliContext, table_names: tuple[str, ...]) -> None:
@@ -121,10 +113,7 @@ def _reencrypt(vault: KeyVault, table: Table, batch_size: int) -> Progress:
 
 
 @click.command()
-@db_option
-@kms_option(required=True)
-@models_option(required=True)
-@key_table_option
+@shared_options(kms="required", models="required")
 @table_option(required=True, help="The table whose key is rotated.")
 @click.option(
     "--search",
@@ -174,10 +163,7 @@ def rotate(
 
 
 @click.command()
-@db_option
-@kms_option(required=True)
-@models_option(required=True)
-@key_table_option
+@shared_options(kms="required", models="required")
 @table_option(required=True, help="The table to re-encrypt.")
 @batch_size_option("Rows read and rewritten per transaction.")
 @pass_cli
@@ -200,9 +186,7 @@ def reencrypt(cli: CliContext, table_names: tuple[str, ...], batch_size: int) ->
 
 
 @click.command()
-@db_option
-@kms_option(required=True)
-@key_table_option
+@shared_options(kms="required", models="ignored")
 @click.option(
     "--to",
     "to_uri",
@@ -261,10 +245,7 @@ _grace_option = click.option(
 
 
 @click.command()
-@db_option
-@kms_option(required=False)
-@models_option(required=True)
-@key_table_option
+@shared_options(kms="ignored", models="required")
 @click.option("--table", "table_name", metavar="TABLE", required=True, help="The table.")
 @_version_option
 @_search_option
@@ -288,10 +269,12 @@ def retire(
 
 
 @click.command()
-@db_option
-@kms_option(required=False)
-@models_option(required=False)
-@key_table_option
+@shared_options(
+    kms="ignored",
+    models="optional",
+    models_help="The application's models: with them, --table is checked against their "
+    "encrypted tables and may be a table's name without its schema.",
+)
 @click.option("--table", "table_name", metavar="TABLE", required=True, help="The table.")
 @_version_option
 @_search_option
@@ -338,9 +321,7 @@ def destroy(
 
 
 @click.command("export-keys")
-@db_option
-@kms_option(required=False)
-@key_table_option
+@shared_options(kms="ignored", models="ignored")
 @click.option(
     "--output",
     "-o",
@@ -370,9 +351,7 @@ def export_keys(cli: CliContext, output: Path | None) -> None:
 
 
 @click.command("import-keys")
-@db_option
-@kms_option(required=False)
-@key_table_option
+@shared_options(kms="ignored", models="ignored")
 @click.option(
     "--table",
     "table_name",

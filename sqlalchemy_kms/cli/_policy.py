@@ -7,6 +7,8 @@ from typing import Any, Final
 
 import click
 
+from .._keytable import table_scope
+from ._context import CliContext, shared_options
 from ._output import echo_json
 
 __all__ = ["policy", "policy_document"]
@@ -80,6 +82,14 @@ def _arn_option(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 @click.command()
+@shared_options(
+    db="ignored",
+    kms="ignored",
+    models="optional",
+    key_table="ignored",
+    models_help="The application's models: without --table, the policy covers every "
+    "table with encrypted columns in them; with it, --table is checked against them.",
+)
 @click.option(
     "--role-arn",
     required=True,
@@ -92,8 +102,8 @@ def _arn_option(ctx: click.Context, param: click.Parameter, value: str | None) -
     "table_names",
     metavar="TABLE",
     multiple=True,
-    required=True,
-    help="A table the role may use (SCHEMA.TABLE for a table with a schema). Repeat.",
+    help="A table the role may use (SCHEMA.TABLE for a table with a schema). Repeat. "
+    "Required without --models.",
 )
 @click.option(
     "--key-arn",
@@ -142,11 +152,24 @@ def policy(
     into the key's policy, next to the statement that lets your account
     administer the key. With --iam the output maps each role ARN to an IAM
     policy document to attach to that role (Resource: --key-arn).
+
+    The tables are the --table values, or, without any, the encrypted tables
+    of --models. No database or KMS is used: --db, --kms and --key-table are
+    accepted, so that the other commands' options can be given, and ignored.
     """
     if iam and key_arn is None:
         raise click.UsageError("--iam needs --key-arn (the IAM policy's Resource)", ctx=ctx)
-    echo_json(
-        policy_document(
-            role_arn, table_names, admin_role_arn=admin_role_arn, key_arn=key_arn, iam=iam
+    cli = ctx.ensure_object(CliContext)
+    scopes: list[str] = list(table_names)
+    if cli.models is not None:
+        scopes = [table_scope(table) for table in cli.tables(table_names)]
+        if not scopes:
+            raise click.UsageError("the models have no tables with encrypted columns", ctx=ctx)
+    elif not scopes:
+        [table_param] = [param for param in ctx.command.params if param.name == "table_names"]
+        raise click.MissingParameter(
+            ctx=ctx, param=table_param, message="Give --table (repeat it), or --models."
         )
+    echo_json(
+        policy_document(role_arn, scopes, admin_role_arn=admin_role_arn, key_arn=key_arn, iam=iam)
     )

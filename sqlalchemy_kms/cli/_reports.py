@@ -12,11 +12,8 @@ from ..lifecycle.verify import ColumnCheck, FailedValue, VerifyReport
 from ._context import (
     CliContext,
     batch_size_option,
-    db_option,
-    key_table_option,
-    kms_option,
-    models_option,
     pass_cli,
+    shared_options,
     table_option,
 )
 from ._output import echo_json, spread, table_lines
@@ -118,10 +115,7 @@ def _print_other_mode(table: str, columns: Sequence[ColumnStatus | ColumnCheck])
 
 
 @click.command()
-@db_option
-@kms_option(required=False)
-@models_option(required=True)
-@key_table_option
+@shared_options(kms="ignored", models="required")
 @table_option(required=False, help="Report this table only (default: every encrypted table).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @pass_cli
@@ -194,10 +188,7 @@ def _print_verify(report: VerifyReport) -> None:
 
 
 @click.command()
-@db_option
-@kms_option(required=True)
-@models_option(required=True)
-@key_table_option
+@shared_options(kms="required", models="required")
 @table_option(required=False, help="Verify this table only (default: every encrypted table).")
 @batch_size_option("Rows read per query.")
 @click.option(
