@@ -47,6 +47,12 @@ Example::
     kms = AwsKms("arn:aws:kms:...:key/...", region_name="ap-northeast-2")
     kms = AwsKms("alias/demo_cmk", client=boto3.client("kms"))
 
+Creating an ``AwsKms`` adds a filter to botocore's loggers that log
+request and response bodies (``botocore.endpoint``, ``botocore.parsers``),
+once per process: with them at ``DEBUG``, the ``Plaintext`` of KMS's
+requests and responses (data keys) reads ``<redacted>``, and nothing else
+is changed (see :mod:`sqlalchemy_kms.providers._redact`).
+
 Without ``client``, one is built the normal boto3 way (environment,
 profiles, ``AWS_ENDPOINT_URL_KMS``), with bounded timeouts and botocore's
 ``standard`` retry mode, which retries throttling with backoff.
@@ -77,6 +83,7 @@ from ..errors import (
     KMSKeyNotFoundError,
     KMSUnavailableError,
 )
+from . import _redact
 from .base import GeneratedDataKey, KeyProvider
 
 if TYPE_CHECKING:
@@ -128,6 +135,8 @@ class AwsKms(KeyProvider):
         super().__init__()
         if not key_id:
             raise ValueError("key_id is required")
+        # botocore logs KMS bodies at DEBUG, data keys included: redact them (once per process)
+        _redact.install()
         self._key_id = key_id
         if client is None:
             session = boto3.session.Session(profile_name=profile_name, region_name=region_name)
