@@ -54,7 +54,12 @@ from sqlalchemy.sql.visitors import InternalTraversal
 
 from ._format import column_aad
 from ._keytable import KeySeries
-from .errors import ConfigurationError, SQLAlchemyKMSError, UnsupportedQueryError
+from .errors import (
+    ConfigurationError,
+    EncryptionError,
+    SQLAlchemyKMSError,
+    UnsupportedQueryError,
+)
 
 __all__ = [
     "PRIMARY_KEY_REASON",
@@ -63,6 +68,8 @@ __all__ = [
     "Binding",
     "EncryptedComparator",
     "SearchTerm",
+    "concealed",
+    "converted",
     "with_context",
 ]
 
@@ -141,7 +148,7 @@ def _literal_value(operand: Any) -> Any:
     return _NOT_A_LITERAL
 
 
-def _is_encrypted_type(type_: Any) -> bool:
+def is_encrypted_type(type_: Any) -> bool:
     """Whether ``type_`` is a :class:`~sqlalchemy_kms.KMSEncrypted` column type."""
     factory = getattr(type_, "comparator_factory", None)
     return isinstance(factory, type) and issubclass(factory, EncryptedComparator)
@@ -151,11 +158,11 @@ def _encrypted_type(operand: Any) -> Any:
     """The first encrypted column type an operand carries: its own, a tuple member's, a
     grouped list's or a subquery's selected column's; ``None`` if none."""
     operand_type = getattr(operand, "type", None)
-    if _is_encrypted_type(operand_type):
+    if is_encrypted_type(operand_type):
         return operand_type
     if isinstance(operand_type, sqltypes.TupleType):
         for member in operand_type.types:
-            if _is_encrypted_type(member):
+            if is_encrypted_type(member):
                 return member
     if isinstance(operand, Grouping):
         return _encrypted_type(operand.element)
@@ -239,6 +246,50 @@ def with_context(error: SQLAlchemyKMSError, binding: Binding | None) -> SQLAlche
         error.column = error.column or binding.column
         error.args = (error._render(),)
     return error
+
+
+def concealed(error: SQLAlchemyKMSError) -> SQLAlchemyKMSError:
+    """``error`` cut from the exceptions it was raised while handling: those may hold
+    the value (a ``UnicodeEncodeError`` holds the whole string)."""
+    error.__cause__ = None
+    error.__context__ = None
+    error.__suppress_context__ = True
+    return error
+
+
+class _Converted:
+    """Context manager raising every exception but ours as ``EncryptionError`` from None,
+    named by its type alone: its message or attributes may hold the value."""
+
+    __slots__ = ("source",)
+
+    def __init__(self, source: str | None) -> None:
+        self.source = source
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
+        if not isinstance(error, Exception) or isinstance(error, SQLAlchemyKMSError):
+            return
+        name = type(error).__name__
+        if self.source is not None:
+            reason = (
+                f"{self.source} raised {name} (its message is not shown: it may hold the value)"
+            )
+        elif isinstance(error, UnicodeError):
+            reason = "the string holds a character UTF-8 cannot encode (a lone surrogate)"
+        elif isinstance(error, RecursionError):
+            reason = "the value is nested too deeply to encode"
+        else:
+            reason = f"the value cannot be encoded ({name})"
+        raise EncryptionError(reason) from None
+
+
+def converted(source: str | None = None) -> _Converted:
+    """A ``with`` block whose exceptions, other than ours, become ``EncryptionError``;
+    ``source`` names the user's function the block calls, if any."""
+    return _Converted(source)
 
 
 class EncryptedComparator(sqltypes.TypeDecorator.Comparator[Any]):
@@ -442,8 +493,8 @@ class SearchTerm(sqltypes.TypeDecorator[Any]):
                         return _NEVER_STORED
                     try:
                         return ciphers[slot].seal_deterministic(encode(plain), scope, column, aad)
-                    except SQLAlchemyKMSError:
-                        pass  # the complete path raises it with its context
+                    except Exception:  # the complete path raises it as EncryptionError
+                        pass
             return None
 
         if fixed is None:
@@ -469,8 +520,6 @@ class SearchTerm(sqltypes.TypeDecorator[Any]):
         try:
             vault = column_type._vault(dialect)
             assert binding is not None
-            if column_type.normalize is not None:
-                plain = column_type.normalize(plain)
             ciphers = vault.loader.enabled(binding.series)
             if len(ciphers) > SEARCH_SLOTS:
                 raise UnsupportedQueryError(
@@ -482,16 +531,22 @@ class SearchTerm(sqltypes.TypeDecorator[Any]):
                     column=binding.column,
                 )
             if slot == SEARCH_SLOTS:  # transition mode: the value as plaintext
-                return _plaintext_form(column_type._codec.legacy_text(plain), dialect)
+                if column_type.normalize is not None:
+                    with converted("normalize="):
+                        plain = column_type.normalize(plain)
+                with converted():
+                    return _plaintext_form(column_type._codec.legacy_text(plain), dialect)
             if slot >= len(ciphers):
                 return _NEVER_STORED
-            plaintext = column_type._codec.encode(plain)
-            token: bytes = ciphers[slot].seal_deterministic(
-                plaintext, binding.scope, binding.column, binding.aad
-            )
+            plaintext = column_type._encode(plain)
+            with converted():
+                token: bytes = ciphers[slot].seal_deterministic(
+                    plaintext, binding.scope, binding.column, binding.aad
+                )
             return token
         except SQLAlchemyKMSError as error:
-            raise with_context(error, binding) from None
+            failure = with_context(error, binding)
+        raise concealed(failure) from None
 
 
 def _refuse_encrypted_relationships(mapper: Mapper[Any], class_: type[Any]) -> None:
@@ -499,7 +554,7 @@ def _refuse_encrypted_relationships(mapper: Mapper[Any], class_: type[Any]) -> N
     column cannot answer; an encrypted primary key cannot identify rows."""
     for column in mapper.primary_key:
         column_type: Any = column.type
-        if _is_encrypted_type(column_type):
+        if is_encrypted_type(column_type):
             raise ConfigurationError(
                 f"mapper {class_.__name__} uses an encrypted primary key: {PRIMARY_KEY_REASON}",
                 table=column_type._binding.scope if column_type._binding else None,
@@ -510,7 +565,7 @@ def _refuse_encrypted_relationships(mapper: Mapper[Any], class_: type[Any]) -> N
         pairs += prop.secondary_synchronize_pairs or []
         for pair in pairs:
             for column in pair:
-                if _is_encrypted_type(column.type):
+                if is_encrypted_type(column.type):
                     raise _unsupported(column.type, "relationship", RELATIONSHIP_HINT)
 
 

@@ -31,26 +31,17 @@ table and column when it is attached, and binds every ciphertext to them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import (
-    Column,
-    ForeignKey,
-    ForeignKeyConstraint,
-    Index,
-    Table,
-    UniqueConstraint,
-    event,
-)
+from sqlalchemy import Column, Table, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect, Engine, ExceptionContext
-from sqlalchemy.sql.elements import ClauseElement
-from sqlalchemy.sql.visitors import iterate
 
 from ._codecs import Codec, codec_for
+from ._definitions import refuse_unworkable, refuse_unworkable_column
 from ._format import (
     DETERMINISTIC_OVERHEAD,
     MAX_OVERHEAD,
@@ -59,13 +50,13 @@ from ._format import (
 )
 from ._keytable import KeySeries, depend_on_key_table, table_scope
 from ._query import (
-    PRIMARY_KEY_REASON,
-    RELATIONSHIP_HINT,
     SEARCH_SLOTS,
     VAULT_ATTR,
     Binding,
     EncryptedComparator,
     SearchTerm,
+    concealed,
+    converted,
     with_context,
 )
 from .errors import (
@@ -74,7 +65,6 @@ from .errors import (
     InvalidCiphertextError,
     KeyTableMissingError,
     SQLAlchemyKMSError,
-    UnsupportedQueryError,
     VaultNotFoundError,
 )
 
@@ -212,10 +202,10 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         self._binding = None
         if isinstance(parent.table, Table):
             self._attach_table(parent, parent.table)
-            _refuse_unworkable_column(parent, parent.table)
+            refuse_unworkable_column(parent, parent.table)
         else:
             event.listen(parent, "after_parent_attach", self._attach_table)
-            event.listen(parent, "after_parent_attach", _refuse_unworkable_column)
+            event.listen(parent, "after_parent_attach", refuse_unworkable_column)
 
     def _attach_table(self, column: Column[Any], table: Any) -> None:
         if not isinstance(table, Table) or column.type is not self:
@@ -301,8 +291,8 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
                         associated = (header, assoc)
                     try:
                         return cipher.seal(encode(value), assoc, mutable=as_bytearray)
-                    except SQLAlchemyKMSError:
-                        pass  # the complete path raises it with its context
+                    except Exception:  # the complete path raises it as EncryptionError
+                        pass
             return complete(value, dialect)
 
         return process
@@ -322,8 +312,8 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
                 if cipher is not None:
                     try:
                         return cipher.seal_deterministic(encode(value), scope, column, aad)
-                    except SQLAlchemyKMSError:
-                        pass  # the complete path raises it with its context
+                    except Exception:  # the complete path raises it as EncryptionError
+                        pass
             return complete(value, dialect)
 
         return process
@@ -358,17 +348,27 @@ class KMSEncrypted(sqltypes.TypeDecorator[Any]):
         try:
             vault = self._vault(dialect)
             assert binding is not None
-            if self.normalize is not None:
-                value = self.normalize(value)
-            plaintext = self._codec.encode(value)
+            plaintext = self._encode(value)
             cipher = vault.loader.active(binding.series)
-            if self.deterministic:
-                return cipher.seal_deterministic(  # type: ignore[no-any-return]
-                    plaintext, binding.scope, binding.column, binding.aad
-                )
-            return cipher.encrypt(plaintext, binding.aad)  # type: ignore[no-any-return]
+            with converted():
+                if self.deterministic:
+                    return cipher.seal_deterministic(  # type: ignore[no-any-return]
+                        plaintext, binding.scope, binding.column, binding.aad
+                    )
+                return cipher.encrypt(plaintext, binding.aad)  # type: ignore[no-any-return]
         except SQLAlchemyKMSError as error:
-            raise with_context(error, binding) from None
+            failure = with_context(error, binding)
+        raise concealed(failure) from None
+
+    def _encode(self, value: Any) -> bytes:
+        """The bytes ``value`` is encrypted as: normalized, then encoded by the inner
+        type's codec. Whatever goes wrong raises ``EncryptionError``, never showing
+        the value."""
+        if self.normalize is not None:
+            with converted("normalize="):
+                value = self.normalize(value)
+        with converted():
+            return self._codec.encode(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
@@ -450,171 +450,90 @@ def _make_key_for_new_table(table: Table, connection: Any, **kw: Any) -> None:
         vault.create_keys([table])
 
 
-# -- definitions encryption cannot honour -------------------------------------
-#
-# Checked when an encrypted column joins its table, when the table is complete
-# (its constraints and indexes attached), when an index or unique constraint is
-# added later, and again before the table is created (create_all, Alembic's
-# create_table): each raises before anything runs.
-
-_RANDOMIZED_INDEX = (
-    "a randomized encrypted column cannot have a unique constraint or an index: it stores "
-    "equal values differently, so the constraint accepts duplicates and no lookup can use the "
-    "index; use KMSEncrypted(..., deterministic=True) for a column that must be unique or "
-    "searched, or drop the constraint or index"
-)
-_EXPRESSION_INDEX = (
-    "an index cannot be built on an expression of an encrypted column: the expression would "
-    "be computed over the stored ciphertext; index the column itself (deterministic columns "
-    "only)"
-)
-_SERVER_VALUE = (
-    "an encrypted column cannot take a value the database computes (server_default, "
-    "server_onupdate, Computed, Identity, a Sequence or a SQL expression such as func.now() "
-    "as default or onupdate): the database would store it as plaintext; use a Python "
-    "default= (a value or a function) instead"
-)
-_PRIMARY_KEY = f"an encrypted column cannot be a primary key: {PRIMARY_KEY_REASON}"
-
-
-def _refusal(column: Column[Any], table: Table, reason: str) -> ConfigurationError:
-    return ConfigurationError(reason, table=table_scope(table), column=column.name)
-
-
-def _is_server_value(default: Any) -> bool:
-    """Whether a column default is computed by the database (a SQL expression, a
-    sequence, a server-side default) rather than given by Python."""
-    if default is None:
-        return False
-    return bool(
-        getattr(default, "is_clause_element", False)
-        or getattr(default, "is_sequence", False)
-        or getattr(default, "is_server_default", False)
-    )
-
-
-def _check_column(column: Column[Any], table: Table) -> None:
-    column_type = column.type
-    if not isinstance(column_type, KMSEncrypted):
-        return
-    if column.primary_key:
-        raise _refusal(column, table, _PRIMARY_KEY)
-    if column.foreign_keys:
-        raise _foreign_key_refusal(column)
-    if not column_type.deterministic and (column.unique or column.index):
-        raise _refusal(column, table, _RANDOMIZED_INDEX)
-    server_values = (column.server_default, column.server_onupdate, column.default)
-    if any(map(_is_server_value, (*server_values, column.onupdate))):
-        raise _refusal(column, table, _SERVER_VALUE)
-    if column.computed is not None or column.identity is not None:
-        raise _refusal(column, table, _SERVER_VALUE)
-
-
-def _check_index(index: Index | UniqueConstraint, table: Any) -> None:
-    """An index or unique constraint attached to ``table``: no randomized column, and
-    no expression over an encrypted column."""
-    if not isinstance(table, Table):
-        return
-    for column in index.columns:
-        column_type = column.type
-        if isinstance(column_type, KMSEncrypted) and not column_type.deterministic:
-            raise _refusal(column, table, _RANDOMIZED_INDEX)
-    for expression in getattr(index, "expressions", ()):
-        if isinstance(expression, Column) or not isinstance(expression, ClauseElement):
-            continue
-        for element in iterate(expression):
-            if isinstance(element, Column) and isinstance(element.type, KMSEncrypted):
-                raise _refusal(element, table, _EXPRESSION_INDEX)
-
-
-def _foreign_keys_over_encrypted(table: Table) -> Iterable[tuple[ForeignKey, Column[Any]]]:
-    """Each foreign key from or to an encrypted column of ``table`` (the ones from other
-    tables of its metadata included), with that encrypted column."""
-    others = table.metadata.tables.values() if table.metadata is not None else ()
-    for source in (table, *(other for other in others if other is not table)):
-        for key in source.foreign_keys:
-            if isinstance(key.parent.type, KMSEncrypted):
-                yield key, key.parent
-                continue
-            try:
-                target = key.column
-            except sa_exc.NoReferenceError:  # not defined yet: checked again at create
-                continue
-            if isinstance(target.type, KMSEncrypted) and (source is table or target.table is table):
-                yield key, target
-
-
-def refuse_unworkable(table: Table) -> None:
-    """Raise if ``table`` defines something its encrypted columns cannot honour: an
-    encrypted primary key, foreign key, server-side or SQL default, or a unique
-    constraint or index on a randomized column."""
-    for column in table.columns:
-        _check_column(column, table)
-    for constraint in table.constraints:
-        if isinstance(constraint, UniqueConstraint):
-            _check_index(constraint, table)
-    for index in table.indexes:
-        _check_index(index, table)
-    for _key, column in _foreign_keys_over_encrypted(table):
-        raise _foreign_key_refusal(column)
-
-
-def _foreign_key_refusal(column: Column[Any]) -> UnsupportedQueryError:
-    return UnsupportedQueryError(
-        RELATIONSHIP_HINT,
-        operator="foreign key",
-        table=table_scope(column.table) if isinstance(column.table, Table) else None,
-        column=column.name,
-    )
-
-
-def _check_foreign_key(constraint: ForeignKeyConstraint, table: Any) -> None:
-    """A foreign key attached to ``table``: neither its columns nor (when already
-    defined) the columns it references may be encrypted."""
-    for key in constraint.elements:
-        if isinstance(key.parent.type, KMSEncrypted):
-            raise _foreign_key_refusal(key.parent)
-        try:
-            target = key.column
-        except sa_exc.NoReferenceError:  # not defined yet: checked when it is, and at create
-            continue
-        if isinstance(target.type, KMSEncrypted):
-            raise _foreign_key_refusal(target)
-
-
-def _refuse_unworkable_column(column: Column[Any], table: Any) -> None:
-    """``after_parent_attach`` of an encrypted column: check it now, its table once
-    complete and before it is created."""
-    if not isinstance(table, Table) or not isinstance(column.type, KMSEncrypted):
-        return
-    _check_column(column, table)
-    if not event.contains(table, "after_parent_attach", _refuse_unworkable_table):
-        event.listen(table, "after_parent_attach", _refuse_unworkable_table)
-        event.listen(table, "before_create", _refuse_unworkable_table)
-
-
-def _refuse_unworkable_table(table: Table, *args: Any, **kw: Any) -> None:
-    """``after_parent_attach`` (the table is complete) and ``before_create``."""
-    refuse_unworkable(table)
-
-
-event.listen(Index, "after_parent_attach", _check_index)
-event.listen(UniqueConstraint, "after_parent_attach", _check_index)
-event.listen(ForeignKeyConstraint, "after_parent_attach", _check_foreign_key)
-
-
 @event.listens_for(Engine, "handle_error")
 def _raise_own_errors(context: ExceptionContext) -> BaseException | None:
-    """Raise our errors as themselves, not wrapped in ``StatementError``.
+    """Raise our errors as themselves, and keep plaintext out of SQLAlchemy's.
 
     SQLAlchemy wraps exceptions raised while binding parameters in a
     ``StatementError`` whose message lists the parameters: for an encrypted
     column those are plaintext. Our errors carry table and column instead.
+    Another error of a statement on an engine with a vault (a bad value for a
+    plain column, a constraint the database enforces) keeps its type, and its
+    parameters show :data:`HIDDEN` for the values of encrypted columns, or
+    :data:`UNKNOWN` for every value when the statement failed before
+    SQLAlchemy could say which parameter is which column.
     """
     original = context.original_exception
     if isinstance(original, SQLAlchemyKMSError):
         return original.with_traceback(None)
+    if _vault_of(context.dialect) is not None:
+        for error in (context.sqlalchemy_exception, original):
+            if isinstance(error, sa_exc.StatementError) and error.params:
+                error.params = _scrubbed(error.params, _parameter_names(context), error.ismulti)
     return None
+
+
+#: What an error's parameters show in place of a value of an encrypted column.
+HIDDEN = "<encrypted>"
+#: ... in place of every value of a statement whose parameters are not known by column.
+UNKNOWN = "<hidden>"
+
+
+class _Names:
+    """Which parameters of a failed statement are values of encrypted columns."""
+
+    __slots__ = ("plain", "positions", "secret")
+
+    def __init__(self, compiled: Any) -> None:
+        binds = getattr(compiled, "binds", None) or {}
+        encrypted = {
+            name
+            for name, bind in binds.items()
+            if isinstance(bind.type, (KMSEncrypted, SearchTerm))
+        }
+        self.secret = bool(encrypted)
+        self.plain = frozenset(binds) - encrypted
+        positions = getattr(compiled, "positiontup", None)
+        if getattr(compiled, "post_compile_params", None):
+            positions = None  # expanded when run: the positions are no longer these
+        self.positions: list[str] | None = list(positions) if positions else None
+
+    def hides(self, name: Any) -> bool:
+        # a name the statement does not know (an expanded IN list, a batch of
+        # insertmanyvalues) is hidden when the statement has encrypted values at all
+        return self.secret and name not in self.plain
+
+
+def _parameter_names(context: ExceptionContext) -> _Names | None:
+    """The names of the failed statement's parameters; ``None`` if not known (the
+    statement failed while its parameters were being processed)."""
+    compiled = getattr(context.execution_context, "compiled", None)
+    return None if compiled is None else _Names(compiled)
+
+
+def _scrubbed(params: Any, names: _Names | None, multi: bool | None) -> Any:
+    """``params`` (one row or several, by name or by position) with the values of
+    encrypted columns replaced by :data:`HIDDEN` (every value when ``names`` is
+    ``None``)."""
+    if isinstance(params, Mapping):
+        return {
+            key: UNKNOWN if names is None else HIDDEN if names.hides(key) else value
+            for key, value in params.items()
+        }
+    if not isinstance(params, (list, tuple)):
+        return params
+    rows = multi or (bool(params) and all(isinstance(row, Mapping) for row in params))
+    if rows:
+        return [_scrubbed(row, names, False) for row in params]
+    if names is not None and not names.secret:
+        return params
+    positions = names.positions if names is not None else None
+    if positions is None or len(positions) != len(params):
+        return type(params)(UNKNOWN if names is None else HIDDEN for _ in params)
+    return type(params)(
+        HIDDEN if names is not None and names.hides(name) else value
+        for name, value in zip(positions, params, strict=True)
+    )
 
 
 def encrypted_columns(table: Table) -> list[Column[Any]]:
