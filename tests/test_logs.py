@@ -52,6 +52,9 @@ def every_logger_at_debug() -> Iterator[Captured]:
     """Root and every existing logger at DEBUG and enabled, SQLAlchemy's engine loggers at
     INFO; a handler on the root keeps every record. All of it is undone at the end."""
     root = logging.getLogger()
+    engine_loggers = [
+        logging.getLogger(name) for name in ("sqlalchemy.engine", "sqlalchemy.engine.Engine")
+    ]
     loggers = [
         logger
         for logger in logging.root.manager.loggerDict.values()
@@ -65,8 +68,8 @@ def every_logger_at_debug() -> Iterator[Captured]:
         for logger in loggers:
             logger.disabled = False
             logger.setLevel(logging.DEBUG)
-        for name in ("sqlalchemy.engine", "sqlalchemy.engine.Engine"):
-            logging.getLogger(name).setLevel(logging.INFO)
+        for logger in engine_loggers:
+            logger.setLevel(logging.INFO)  # at DEBUG, SQLAlchemy logs the rows it returns
         root.addHandler(handler)
         yield captured
     finally:
