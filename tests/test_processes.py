@@ -272,8 +272,10 @@ def test_eight_processes_first_use_rotation_and_fresh_reader(
 ) -> None:
     metadata = MetaData()
     shared_tables(metadata)
-    metadata.create_all(engine)  # no vault yet: no key table and no key
-    assert "kms_data_keys" not in inspect(engine).get_table_names()
+    metadata.create_all(engine)  # no vault yet: the key table (part of the models), no key
+    assert "kms_data_keys" in inspect(engine).get_table_names()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM kms_data_keys")).scalar() == 0
 
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(PROCESSES), context.Queue()
