@@ -69,7 +69,9 @@ from .errors import (
 )
 
 __all__ = [
+    "HIDDEN",
     "SEARCH_SLOTS",
+    "UNKNOWN",
     "VAULT_ATTR",
     "KMSEncrypted",
     "encrypted_columns",
@@ -513,8 +515,8 @@ def _parameter_names(context: ExceptionContext) -> _Names | None:
 
 def _scrubbed(params: Any, names: _Names | None, multi: bool | None) -> Any:
     """``params`` (one row or several, by name or by position) with the values of
-    encrypted columns replaced by :data:`HIDDEN` (every value when ``names`` is
-    ``None``)."""
+    encrypted columns replaced by :data:`HIDDEN`, or every value by :data:`UNKNOWN`
+    when ``names`` is ``None``."""
     if isinstance(params, Mapping):
         return {
             key: UNKNOWN if names is None else HIDDEN if names.hides(key) else value
