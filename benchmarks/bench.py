@@ -80,6 +80,7 @@ from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, mapped_column
 
 from sqlalchemy_kms import AwsKms, KeyProvider, KeyVault, KMSEncrypted, LocalKms
+from sqlalchemy_kms.vault import key_table
 
 try:  # optional: the comparison with sqlalchemy-utils is skipped without it
     from sqlalchemy_utils import StringEncryptedType  # type: ignore[import-untyped]
@@ -314,6 +315,8 @@ def build_models(prefix: str, aead: AESGCM, memory_sizes: Sequence[int]) -> Mode
 
     class Base(DeclarativeBase):
         pass
+
+    key_table(Base.metadata, f"{prefix}_keys")  # the run's own key table, as the vault's
 
     def model(name: str, make_type: Callable[[bool], Any]) -> Any:
         """Mapped class ``name`` with columns ``name`` (``make_type(False)``) and
