@@ -109,7 +109,16 @@ class Connections:
 
     @contextmanager
     def using(self, connection: Connection) -> Iterator[Connection]:
-        """Run key-table work of this thread or task on ``connection`` inside the block."""
+        """Run key-table work of this thread or task on ``connection`` inside the block.
+
+        Refuses (:class:`~sqlalchemy_kms.errors.ConfigurationError`) a connection that
+        is closed or of another engine: key work would silently go elsewhere.
+        """
+        if connection.closed or connection.dialect is not self.engine.dialect:
+            raise ConfigurationError(
+                "the KeyVault cannot share this connection (it is closed, or belongs to "
+                "another engine); create the KeyVault on the engine the connection is of"
+            )
         token = _bound_connection.set(weakref.ref(connection))
         try:
             yield connection

@@ -23,10 +23,11 @@ from sqlalchemy.engine import Connection
 
 from ._cipher import DataKeyCipher
 from ._connections import Connections
+from ._format import MAX_KEY_VERSION
 from ._keys import KeyStore
 from ._keytable import KeyRow, KeySeries, KeyTable
 from .audit import key_event, kms_call
-from .errors import ConfigurationError, UnknownKeyVersionError
+from .errors import ConfigurationError, KeyLifecycleError, UnknownKeyVersionError
 from .providers.base import KeyProvider, encryption_context
 
 __all__ = ["KeyLoader"]
@@ -130,10 +131,20 @@ class KeyLoader:
                 while True:
                     with self.connections.engine.connect() as conn:
                         newest = self.keys.newest_version(conn, series)
+                    if newest >= MAX_KEY_VERSION:
+                        raise KeyLifecycleError(
+                            "the key has reached its last version", table=series.scope
+                        )
                     made = self._make_committed(series, newest + 1)
                     if made is not None:
                         cipher = made
                         break
+                    with self.connections.engine.connect() as conn:
+                        moved = self.keys.newest_version(conn, series) > newest
+                    if not moved:  # refused, but not by another process's new version
+                        raise KeyLifecycleError(
+                            f"the key table refused version {newest + 1}", table=series.scope
+                        )
         self.store.forget(series)
         return cipher.key_version
 

@@ -39,8 +39,8 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Sequence
-from typing import Final
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -287,6 +287,24 @@ class KeyStore:
         """Drop one key version (destroyed)."""
         self.cache.invalidate((series.scope, series.purpose, version))
         self.forget(series)
+
+    def adopt_pending(self, pending: Mapping[Any, DataKeyCipher]) -> None:
+        """Keys made inside a transaction that committed (pending on its connection,
+        see :mod:`sqlalchemy_kms._connections`): held from now on like any other."""
+        for key, cipher in pending.items():
+            if isinstance(key, tuple) and isinstance(key[0], KeySeries):
+                self.put(key[0], cipher)
+
+    def discard_pending(self, pending: Mapping[Any, DataKeyCipher]) -> None:
+        """Keys made inside a transaction that rolled back never existed: drop them."""
+        for key, cipher in pending.items():
+            held = (
+                isinstance(key, tuple)
+                and isinstance(key[0], KeySeries)
+                and self.get(key[0], key[1]) is cipher
+            )
+            if held:
+                self.invalidate(key[0], key[1])
 
     def clear(self) -> None:
         """Drop every key."""

@@ -60,7 +60,7 @@ from sqlalchemy.sql.naming import conv
 from sqlalchemy.types import TypeEngine
 
 from ._format import MAX_KEY_VERSION
-from .errors import ConfigurationError, KeyTableMissingError
+from .errors import ConfigurationError, KeyLifecycleError, KeyTableMissingError
 
 __all__ = [
     "DEFAULT_KEY_TABLE",
@@ -168,6 +168,30 @@ class KeyTableDeclaration:
 
     def __repr__(self) -> str:
         return f"KeyTableDeclaration({self.fullname!r}, automatic={self.automatic})"
+
+    def refuse_other(
+        self, used: Table, subject: str, holder: str = "this KeyVault", consequence: str = ""
+    ) -> None:
+        """Raise :class:`~sqlalchemy_kms.errors.ConfigurationError` unless ``used`` (a
+        vault's key table) is this declared one: the one home of that rule's message.
+
+        >>> declared = KeyTableDeclaration("kms_data_keys", None, automatic=True)
+        >>> declared.refuse_other(key_table(MetaData(), "app_keys"), "the models")
+        Traceback (most recent call last):
+        ...
+        sqlalchemy_kms.errors.ConfigurationError: the models use the key table ...
+        """
+        if self.fullname == used.fullname:
+            return
+        schema = "" if used.schema is None else f", schema={used.schema!r}"
+        because = f"{consequence}; " if consequence else ""
+        raise ConfigurationError(
+            f"{subject} use the key table {self.fullname}"
+            f"{' (the default)' if self.automatic else ''}, but {holder} uses "
+            f"{used.fullname}: {because}declare it in the models with "
+            f"key_table(metadata, {used.name!r}{schema}), or give the KeyVault the models' "
+            "key table"
+        )
 
 
 def key_table_declaration(metadata: MetaData) -> KeyTableDeclaration | None:
@@ -342,6 +366,32 @@ def scope_of(table: Table | str) -> str:
     return table_scope(table) if isinstance(table, Table) else table
 
 
+def _checked_row(row: Any) -> KeyRow:
+    """A key-table row as a :class:`KeyRow`; a row the CHECK constraints would refuse
+    (only a key table made before them holds one) is a clear error, not a crash."""
+    if (
+        row.purpose not in PURPOSES
+        or row.state not in STATES
+        or not 1 <= row.key_version <= MAX_KEY_VERSION
+    ):
+        raise KeyLifecycleError(
+            f"the key table's row is invalid (purpose {row.purpose!r}, state {row.state!r}): "
+            f"a key's purpose is 'data' or 'search', its state 'enabled' or 'retired', its "
+            f"version in 1..{MAX_KEY_VERSION}; correct or delete the row",
+            table=row.scope,
+            key_version=row.key_version,
+        )
+    return KeyRow(
+        KeySeries.of(row.scope, row.purpose),
+        row.key_version,
+        row.state,
+        row.provider,
+        row.master_key_id,
+        bytes(row.wrapped_key),
+        row.created_at,
+    )
+
+
 class KeyTable:
     """The key table of one database and the queries on it.
 
@@ -386,6 +436,8 @@ class KeyTable:
     def _execute(self, conn: Connection, statement: Any, params: Any = None) -> Any:
         try:
             return conn.execute(statement, params)
+        except exc.IntegrityError:
+            raise  # the table is there: a duplicate key (a lost race) or a constraint
         except exc.DBAPIError as error:
             # asked on a connection of its own: the failed statement may have left this
             # one's transaction unusable (PostgreSQL)
@@ -409,18 +461,7 @@ class KeyTable:
             # compared again here: a key table made before its binary collation (MySQL,
             # MariaDB) answers another table's ``People`` rows, or ``DATA`` rows, too
             rows = [r for r in rows if (r.scope, r.purpose) == (series.scope, series.purpose)]
-        return [
-            KeyRow(
-                KeySeries.of(row.scope, row.purpose),
-                row.key_version,
-                row.state,
-                row.provider,
-                row.master_key_id,
-                bytes(row.wrapped_key),
-                row.created_at,
-            )
-            for row in rows
-        ]
+        return [_checked_row(row) for row in rows]
 
     def enabled(self, conn: Connection, series: KeySeries) -> list[KeyRow]:
         """The enabled versions of ``series``, newest (the active one) first."""

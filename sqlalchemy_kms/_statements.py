@@ -1,16 +1,14 @@
-"""What a vault does around each statement of its engine: count, preload, let go.
+"""What a vault does around each statement of its engine: count, and preload keys.
 
 :class:`StatementHooks` listens to the engine's ``after_cursor_execute``:
 
 * it counts the statements that use encrypted columns, and how many of them
   needed no KMS call (``stats()["cache_hits"]``): one count per statement, so
   the per-value hot path pays nothing for it;
-* on an async engine, it loads the keys the statement's encrypted result
+* and, on an async engine, it loads the keys the statement's encrypted result
   columns need while the statement still runs inside SQLAlchemy's greenlet:
   rows of an async result are decoded after the ``await``, where the key
-  table can no longer be queried;
-* and it drops the keys made inside a transaction that rolled back (they never
-  existed for anyone else).
+  table can no longer be queried.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import event
@@ -118,11 +115,3 @@ class StatementHooks:
         for key, cipher in self.connections.pending_items(conn).items():
             if isinstance(key, tuple) and isinstance(key[0], KeySeries) and key[0] in needed:
                 self.store.put(key[0], cipher)
-
-    def discard_pending(self, pending: Mapping[Any, Any]) -> None:
-        """Keys made inside a transaction that rolled back never existed: drop them."""
-        for key, cipher in pending.items():
-            if isinstance(key, tuple) and isinstance(key[0], KeySeries):
-                series, version = key
-                if self.store.get(series, version) is cipher:
-                    self.store.invalidate(series, version)

@@ -34,7 +34,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import Column, Table, event
+from sqlalchemy import Column, MetaData, Table, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import mysql
@@ -79,6 +79,7 @@ __all__ = [
     "refuse_unworkable",
     "result_series",
     "statement_series",
+    "tables_of",
 ]
 
 
@@ -536,6 +537,15 @@ def _scrubbed(params: Any, names: _Names | None, multi: bool | None) -> Any:
         HIDDEN if names is not None and names.hides(name) else value
         for name, value in zip(positions, params, strict=True)
     )
+
+
+def tables_of(tables: MetaData | Table | Iterable[Table]) -> list[Table]:
+    """The tables a vault method was given: a ``Table``, a list of them or a ``MetaData``."""
+    if isinstance(tables, MetaData):
+        return list(tables.sorted_tables)
+    if isinstance(tables, Table):
+        return [tables]
+    return list(tables)
 
 
 def encrypted_columns(table: Table) -> list[Column[Any]]:

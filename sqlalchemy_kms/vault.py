@@ -73,7 +73,7 @@ from .lifecycle.status import TableStatus
 from .lifecycle.verify import VerifyReport
 from .providers.base import KeyProvider
 from .providers.multi import MultiKms
-from .types import VAULT_ATTR, encrypted_series
+from .types import VAULT_ATTR, encrypted_series, tables_of
 
 __all__ = [
     "DEFAULT_KEY_TABLE",
@@ -92,14 +92,6 @@ def vault_for(dialect: Dialect) -> KeyVault | None:
     """The vault bound to the engine that owns ``dialect``, if any."""
     vault: KeyVault | None = getattr(dialect, VAULT_ATTR, None)
     return vault
-
-
-def _tables(tables: MetaData | Table | Iterable[Table]) -> list[Table]:
-    if isinstance(tables, MetaData):
-        return list(tables.sorted_tables)
-    if isinstance(tables, Table):
-        return [tables]
-    return list(tables)
 
 
 class KeyVault:
@@ -182,7 +174,7 @@ class KeyVault:
         self.keys = KeyStore(cache_max_entries, cache_max_age, refresh_interval)
         self.refresh_interval = float(refresh_interval)
         self.connections = Connections(
-            sync_engine, on_commit=self._adopt_pending, on_rollback=self._discard_pending
+            sync_engine, on_commit=self.keys.adopt_pending, on_rollback=self.keys.discard_pending
         )
         self._is_async = bool(sync_engine.dialect.is_async)
         self.loader = KeyLoader(
@@ -213,15 +205,6 @@ class KeyVault:
         return self.keys.cache
 
     # -- binding -------------------------------------------------------------
-
-    def _discard_pending(self, pending: Mapping[Any, Any]) -> None:
-        self.statements.discard_pending(pending)
-
-    def _adopt_pending(self, pending: Mapping[Any, Any]) -> None:
-        """Keys made inside a transaction that committed: held like any other key."""
-        for key, cipher in pending.items():
-            if isinstance(key, tuple) and isinstance(key[0], KeySeries):
-                self.keys.put(key[0], cipher)
 
     def _bind(self, replace: bool) -> None:
         dialect = self.engine.dialect
@@ -275,7 +258,7 @@ class KeyVault:
         for each table it creates through an engine with a vault.
         """
         made: dict[str, dict[str, int]] = {}
-        chosen = _tables(tables)
+        chosen = tables_of(tables)
         self.check_key_table(chosen)
         for series in encrypted_series(chosen):
             version = self.loader.active(series).key_version
@@ -287,22 +270,13 @@ class KeyVault:
         encrypted ``tables`` hold another key table than this vault's: ``create_all``
         and autogenerate would create (or drop) the wrong one. ``create_all`` and
         :meth:`create_keys` check it first."""
-        ours = self.table.fullname
         for table in tables:
             declared = key_table_declaration(table.metadata)
-            if declared is None or declared.fullname == ours:
-                continue
-            if not any(dependent is table for dependent in declared.dependents):
+            if declared is None or not any(dep is table for dep in declared.dependents):
                 continue  # no encrypted column: the key table is not its business
             if declared.automatic and self.connections.shared() is not None:
                 continue  # a migration: Alembic builds each table in a MetaData of its own
-            schema = "" if self.table.schema is None else f", schema={self.table.schema!r}"
-            raise ConfigurationError(
-                f"the models of {table_scope(table)} use the key table {declared.fullname}"
-                f"{' (the default)' if declared.automatic else ''}, but this KeyVault uses "
-                f"{ours}: declare it in the models with key_table(metadata, "
-                f"{self.table.name!r}{schema}), or give the KeyVault the models' key table"
-            )
+            declared.refuse_other(self.table, f"the models of {table_scope(table)}")
 
     @database_work
     def active_key_version(self, table: Table | str, *, search: bool = False) -> int:
@@ -326,7 +300,7 @@ class KeyVault:
     @database_work
     def key_versions(self, table: Table | str, *, search: bool = False) -> list[int]:
         """Enabled key versions of ``table``, newest first."""
-        with self.engine.connect() as conn:
+        with self.connections.reading() as conn:
             rows = self.key_table.enabled(conn, KeySeries(scope_of(table), search))
         return [row.version for row in rows]
 
@@ -339,7 +313,7 @@ class KeyVault:
         it at start-up so that the first requests pay no KMS round trip; on
         an async engine, through ``await conn.run_sync(lambda _: vault.warm_up(md))``.
         """
-        chosen = _tables(tables)
+        chosen = tables_of(tables)
         self.create_keys(chosen)
         for series in encrypted_series(chosen):
             self.loader.preload(series)
@@ -394,19 +368,9 @@ class KeyVault:
         columns is re-encrypted in turn (``columns`` then names columns of any
         of them), and the returned progress adds them up.
         """
-        if isinstance(table, Table):
-            return column_jobs.reencrypt(
-                self.connections,
-                table,
-                self._active_version,
-                columns=columns,
-                batch_size=batch_size,
-                progress=progress,
-                connection=connection,
-            )
         return column_jobs.reencrypt_tables(
             self.connections,
-            _tables(table),
+            tables_of(table),
             self._active_version,
             columns=columns,
             batch_size=batch_size,
@@ -467,7 +431,7 @@ class KeyVault:
     def status(self, tables: MetaData | Table | Sequence[Table]) -> list[TableStatus]:
         """Per table: key versions, their state and master key, and rows per version
         per column (counted by the database from the stored headers)."""
-        return status_jobs.status(self.key_table, self.connections, _tables(tables))
+        return status_jobs.status(self.key_table, self.connections, tables_of(tables))
 
     @database_work
     def verify(
@@ -476,7 +440,9 @@ class KeyVault:
         """Decrypt every stored value of ``tables`` and report what fails: the
         auditor's proof that every value is readable. Returns a
         :class:`~sqlalchemy_kms.lifecycle.verify.VerifyReport`."""
-        return verify_jobs.verify(self.engine, _tables(tables), batch_size=batch_size, shown=shown)
+        return verify_jobs.verify(
+            self.engine, tables_of(tables), batch_size=batch_size, shown=shown
+        )
 
     @database_work
     def retire_key(self, table: Table, version: int, *, search: bool = False) -> None:
@@ -537,11 +503,7 @@ class KeyVault:
         if provider is not self.provider:
             # both master keys unwrap from now on: if the rewrap stops half way (a KMS
             # outage, a refused row), the keys already moved stay readable
-            self._unwrapping = (
-                source.with_primary(provider)
-                if isinstance(source, MultiKms)
-                else MultiKms(provider, source)
-            )
+            self._unwrapping = MultiKms(provider, source)  # source's members, flattened
         done = rewrap_jobs.rewrap(self.key_table, self.connections, source, provider, scope=scope)
         self.provider = provider
         return done
@@ -598,14 +560,10 @@ class KeyVault:
             "decrypt_failures": self._decrypt_failures,
         }
         # each master key counts its own calls: the provider, and after a rewrap
-        # the ones it replaced (a MultiKms counts through its members)
-        members: list[KeyProvider] = []
-        for provider in (self.provider, self._unwrapping):
-            for member in provider.members if isinstance(provider, MultiKms) else (provider,):
-                if not any(member is known for known in members):
-                    members.append(member)
+        # the ones it replaced
+        members = {id(m): m for p in (self.provider, self._unwrapping) for m in p.members}
         calls: dict[str, int] = {}
-        for member in members:
+        for member in members.values():
             for operation, count in member.calls.items():
                 calls[operation] = calls.get(operation, 0) + count
         for operation, count in sorted(calls.items()):

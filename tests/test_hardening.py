@@ -255,3 +255,35 @@ def test_switching_to_deterministic_is_reported_and_reencrypt_converts(engine: E
             3: "lee@x.io",
         }
     vault.close()
+
+
+def test_rotation_past_the_last_version_is_refused_not_retried(engine: Engine) -> None:
+    vault = KeyVault(engine, LocalKms(bytes(32)))
+    vault.create_table()
+    vault.create_key("last_people")
+    with engine.begin() as conn:
+        conn.execute(
+            vault.table.update()
+            .values(key_version=2**31 - 1)
+            .where(vault.table.c.scope == "last_people")
+        )
+    calls_before = vault.provider.calls["GenerateDataKey"]
+    with pytest.raises(KeyLifecycleError, match="last version"):
+        vault.rotate_key("last_people")
+    assert vault.provider.calls["GenerateDataKey"] == calls_before  # no KMS call spent
+    vault.close()
+
+
+def test_a_key_row_the_constraints_refuse_is_a_clear_error(tmp_path: Path) -> None:
+    """A key table made before its CHECK constraints may hold such a row."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    vault = KeyVault(engine, LocalKms(bytes(32)))
+    vault.create_table()
+    vault.create_key("old_people")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("PRAGMA ignore_check_constraints = ON")
+        conn.execute(text("UPDATE kms_data_keys SET purpose = 'DATA'"))
+    assert vault.key_versions("another_table") == []  # rows of other tables are fine
+    with pytest.raises(KeyLifecycleError, match="row is invalid"):
+        vault.export_keys()  # was a bare KeyError
+    vault.close()

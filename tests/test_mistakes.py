@@ -175,3 +175,35 @@ def test_export_files_are_written_for_their_owner_only(tmp_path: Any) -> None:
         assert result.exit_code == 0, result.output
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         assert '"scope": "patients"' in path.read_text()
+
+
+def test_reencrypt_of_several_tables_refuses_an_unknown_column(engine: Engine) -> None:
+    from sqlalchemy_kms.errors import KeyLifecycleError
+
+    vault = KeyVault(engine, LocalKms(bytes(32)))
+    vault.create_table()
+    metadata, first, second = _tables()
+    metadata.create_all(engine)
+    with pytest.raises(KeyLifecycleError, match="not encrypted columns of the tables: typo"):
+        vault.reencrypt(metadata, columns=["name", "typo"])
+    assert vault.reencrypt([first, second], columns=["email"]).table == "mk_second"
+    vault.close()
+
+
+def test_using_refuses_a_connection_the_vault_cannot_share(tmp_path: Any) -> None:
+    from sqlalchemy import create_engine
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    other = create_engine(f"sqlite:///{tmp_path / 'b.db'}")
+    vault = KeyVault(engine, LocalKms(bytes(32)))
+    with (
+        other.connect() as conn,
+        pytest.raises(ConfigurationError, match="cannot share"),
+        vault.using(conn),
+    ):
+        pass
+    conn = engine.connect()
+    conn.close()
+    with pytest.raises(ConfigurationError, match="cannot share"), vault.using(conn):
+        pass
+    vault.close()

@@ -22,7 +22,6 @@ from alembic.operations.ops import UpgradeOps
 from sqlalchemy import MetaData
 
 from .._keytable import key_table_declaration
-from ..errors import ConfigurationError
 from ..vault import vault_for
 
 __all__ = ["check_key_table"]
@@ -60,20 +59,15 @@ def check_key_table(target_metadata: MetaData | Iterable[MetaData] | None, diale
     vault = vault_for(dialect)
     if vault is None:
         return
-    ours = vault.table.fullname
     for metadata in _metadatas(target_metadata):
         declared = key_table_declaration(metadata)
-        if declared is None or declared.fullname == ours:
-            continue
-        schema = "" if vault.table.schema is None else f", schema={vault.table.schema!r}"
-        raise ConfigurationError(
-            f"the models use the key table {declared.fullname}"
-            f"{' (the default)' if declared.automatic else ''}, but the KeyVault of the "
-            f"migration's engine uses {ours}: autogenerate would create the first and drop "
-            f"the second with every key in it; declare the vault's in the models with "
-            f"key_table(metadata, {vault.table.name!r}{schema}), or give the KeyVault the "
-            "models' key table"
-        )
+        if declared is not None:
+            declared.refuse_other(
+                vault.table,
+                "the models",
+                "the KeyVault of the migration's engine",
+                "autogenerate would create the first and drop the second with every key in it",
+            )
 
 
 @comparators.dispatch_for("schema")

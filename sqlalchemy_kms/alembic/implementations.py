@@ -67,23 +67,11 @@ def _online(operations: Operations, operation: KMSOperation) -> tuple[Connection
     return bind, vault
 
 
-def _shares(vault: KeyVault, bind: Connection) -> bool:
-    """Whether key-table work inside ``vault.using(bind)`` really goes through ``bind``
-    (``using()`` binds any connection; the vault passes over one that is closed or
-    belongs to another engine)."""
-    return vault.shares(bind)
-
-
 @contextmanager
 def _using(vault: KeyVault, bind: Connection, operation: KMSOperation) -> Iterator[None]:
-    """Key-table work of the block goes through the migration's connection."""
+    """Key-table work of the block goes through the migration's connection (the vault
+    refuses one it cannot share)."""
     with vault.using(bind):
-        if not _shares(vault, bind):
-            raise ConfigurationError(
-                f"op.{operation.op_name}(): the KeyVault cannot share the migration's "
-                "connection (it is closed, or belongs to another engine); create the KeyVault "
-                "on the engine the migration connects with"
-            )
         yield
 
 

@@ -31,20 +31,12 @@ from .._keytable import KeySeries, table_scope
 from .._query import VAULT_ATTR
 from ..errors import InvalidCiphertextError, KeyLifecycleError
 from ..types import KMSEncrypted, encrypted_columns
-from .rewrite import Progress, ProgressCallback, Transform, rewrite_rows
+from .rewrite import Progress, ProgressCallback, Transform, rewrite_rows, stored_bytes
 
 __all__ = ["chosen_columns", "decrypt_column", "encrypt_column", "reencrypt", "reencrypt_tables"]
 
 #: The active version of a key series (made if it has none).
 ActiveVersion = Callable[[KeySeries], int]
-
-
-def _as_bytes(stored: Any) -> bytes | None:
-    if isinstance(stored, bytes):
-        return stored
-    if isinstance(stored, (bytearray, memoryview)):
-        return bytes(stored)
-    return None
 
 
 def _parses(raw: bytes) -> bool:
@@ -137,7 +129,7 @@ def _encrypting_transform(
                 if stored is None:
                     moved.append(None)
                     continue
-                raw = stored if stored.__class__ is bytes else _as_bytes(stored)
+                raw = stored if stored.__class__ is bytes else stored_bytes(stored)
                 if raw is None:
                     moved.append(complete(stored, raw))
                     continue
@@ -248,7 +240,7 @@ def decrypt_column(
     decrypt = column_type.result_processor(dialect, None)
 
     def plaintext(stored: Any) -> Any:
-        raw = _as_bytes(stored)
+        raw = stored_bytes(stored)
         if raw is None or not _parses(raw):
             return None  # NULL, or plaintext already
         value = decrypt(raw)
@@ -285,7 +277,25 @@ def reencrypt_tables(
 ) -> Progress:
     """:func:`reencrypt` each table of ``tables`` that has encrypted columns, in turn;
     ``columns`` names columns of any of them. The returned progress adds them up."""
+    if len(tables) == 1:  # one table: its own progress, and its own errors
+        return reencrypt(
+            connections,
+            tables[0],
+            active_version,
+            columns=columns,
+            batch_size=batch_size,
+            progress=progress,
+            connection=connection,
+        )
     chosen = [table for table in tables if encrypted_columns(table)]
+    if columns is not None:
+        known = {column.name for table in chosen for column in encrypted_columns(table)}
+        unknown = set(columns) - known
+        if unknown:
+            raise KeyLifecycleError(
+                f"not encrypted columns of the tables: {', '.join(sorted(unknown))}"
+            )
+        chosen = [t for t in chosen if any(c.name in columns for c in encrypted_columns(t))]
     total = Progress(table=", ".join(table_scope(table) for table in chosen), total=0)
     for table in chosen:
         names = None if columns is None else [name for name in columns if name in table.c]

@@ -42,9 +42,11 @@ def rewrap(
             partial(target.rewrap_from, source, row.wrapped, context, row.master_key_id),
         )
         with connections.writing() as conn:
-            keys.replace_wrapped(
+            changed = keys.replace_wrapped(
                 conn, row, provider=target.name, master_key_id=master_key_id, wrapped=wrapped
             )
+        if not changed:  # another process changed (or removed) the row meanwhile
+            continue
         key_event("rewrap", row.series.scope, row.series.purpose, row.version, master_key_id)
         done += 1
     return done

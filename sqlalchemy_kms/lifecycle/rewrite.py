@@ -134,18 +134,14 @@ def walk_rows(
             yield conn, rows
 
 
-def batch_query(
-    primary_key: Sequence[Column[Any]],
-    columns: Sequence[Column[Any]],
-    last: tuple[Any, ...] | None,
-    batch_size: int,
-) -> Any:
-    """The keyset query of the batch after primary key ``last`` (the first when ``None``)."""
-    query = select(*primary_key, *(raw(c) for c in columns))
-    if last is not None:
-        pk_key = tuple_(*primary_key) if len(primary_key) > 1 else primary_key[0]
-        query = query.where(pk_key > (tuple_(*last) if len(last) > 1 else last[0]))
-    return query.order_by(*primary_key).limit(batch_size)
+def stored_bytes(stored: Any) -> bytes | None:
+    """A stored value as ``bytes`` (drivers may give ``bytearray`` or ``memoryview``);
+    ``None`` for anything that is not binary (NULL, or plaintext text)."""
+    if isinstance(stored, bytes):
+        return stored
+    if isinstance(stored, (bytearray, memoryview)):
+        return bytes(stored)
+    return None
 
 
 class _Batches:

@@ -37,6 +37,7 @@ from .._connections import Connections
 from .._format import ALG_DETERMINISTIC, ALG_RANDOMIZED, FORMAT_VERSION, HEADER_SIZE, pack_header
 from .._keytable import ENABLED, KeySeries, KeyTable, table_scope
 from ..types import encrypted_columns
+from .rewrite import stored_bytes
 
 __all__ = ["ColumnStatus", "KeyStatus", "TableStatus", "rows_using", "status"]
 
@@ -115,14 +116,6 @@ def _header(column: Column[Any]) -> Any:
     return func.substr(type_coerce(column, NullType()), 1, HEADER_SIZE)
 
 
-def _as_bytes(stored: Any) -> bytes | None:
-    if isinstance(stored, bytes):
-        return stored
-    if isinstance(stored, (bytearray, memoryview)):
-        return bytes(stored)
-    return None
-
-
 def header_counts(conn: Connection, table: Table, column: Column[Any]) -> dict[Any, int]:
     """Rows of ``table`` per distinct stored header of ``column`` (``None``: NULL)."""
     header = _header(column)
@@ -140,7 +133,7 @@ def column_status(conn: Connection, table: Table, column: Column[Any]) -> Column
         if header is None:
             nulls += count
             continue
-        raw = _as_bytes(header)
+        raw = stored_bytes(header)
         if raw is None or len(raw) < HEADER_SIZE or raw[0] != FORMAT_VERSION:
             others += count  # plaintext, or another format
             continue

@@ -282,6 +282,13 @@ class KeyProvider(abc.ABC):
             master_key_id=master_key_id,
         )
 
+    @property
+    def members(self) -> tuple[KeyProvider, ...]:
+        """The single providers this one is made of: itself (a
+        :class:`~sqlalchemy_kms.providers.multi.MultiKms` lists its members).
+        Each counts its own ``calls``."""
+        return (self,)
+
     def provider_for(self, master_key_id: str) -> KeyProvider:
         """The provider that unwraps keys wrapped under ``master_key_id``.
 

@@ -78,7 +78,7 @@ class MultiKms(KeyProvider):
         for provider in (primary, *others):
             if not isinstance(provider, KeyProvider):
                 raise TypeError("MultiKms holds KeyProvider objects such as AwsKms or LocalKms")
-            for member in provider.members if isinstance(provider, MultiKms) else (provider,):
+            for member in provider.members:
                 if not any(member is kept for kept in members):
                     members.append(member)
         self._members = tuple(members)
