@@ -207,3 +207,14 @@ def test_using_refuses_a_connection_the_vault_cannot_share(tmp_path: Any) -> Non
     with pytest.raises(ConfigurationError, match="cannot share"), vault.using(conn):
         pass
     vault.close()
+
+
+def test_a_rewrap_counts_only_rows_it_changed(engine: Engine, monkeypatch: Any) -> None:
+    vault = KeyVault(engine, LocalKms(bytes(32)))
+    vault.create_table()
+    vault.create_key("mk_first")
+    vault.create_key("mk_second")
+    # another process rewraps (or removes) every row between our read and our write
+    monkeypatch.setattr(vault.key_table, "replace_wrapped", lambda *args, **kwargs: 0)
+    assert vault.rewrap(LocalKms(bytes(range(32)))) == 0
+    vault.close()
