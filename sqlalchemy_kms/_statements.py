@@ -29,6 +29,9 @@ from .types import result_series, statement_series
 
 __all__ = ["StatementHooks"]
 
+# connection.info: the provider's unwraps counted before the statement bound its values
+_MISSES_BEFORE = "sqlalchemy_kms.misses_before"
+
 
 class StatementHooks:
     """The per-statement work of one vault's engine."""
@@ -51,7 +54,6 @@ class StatementHooks:
         #: Statements that used encrypted columns, and those of them that needed no KMS call.
         self.statements = 0
         self.hits = 0
-        self._misses_seen = 0
         self._guard = threading.Lock()
         self._series: weakref.WeakKeyDictionary[Any, tuple[frozenset[KeySeries], ...]] = (
             weakref.WeakKeyDictionary()
@@ -60,14 +62,21 @@ class StatementHooks:
 
     def listen(self) -> None:
         """Install the engine event."""
+        event.listen(self.engine, "before_execute", self._before_execute)
         event.listen(self.engine, "after_cursor_execute", self._after_execute)
 
     def close(self) -> None:
         """Remove the engine event."""
         if event.contains(self.engine, "after_cursor_execute", self._after_execute):
             event.remove(self.engine, "after_cursor_execute", self._after_execute)
+        if event.contains(self.engine, "before_execute", self._before_execute):
+            event.remove(self.engine, "before_execute", self._before_execute)
         with self._guard:
             self._preloaded.clear()
+
+    def _before_execute(self, conn: Connection, *args: Any, **kwargs: Any) -> None:
+        # before the parameters are bound: keys unwrapped from here on are this statement's
+        conn.info[_MISSES_BEFORE] = self.store.cache.misses
 
     def _after_execute(
         self,
@@ -89,17 +98,22 @@ class StatementHooks:
             )
         used, results = found
         if used:
-            self._count()
+            self._count(results, conn.info.get(_MISSES_BEFORE))
         if self.is_async and results:
             self._preload(conn, results)
 
-    def _count(self) -> None:
-        misses = self.store.cache.misses
+    def _count(self, results: frozenset[KeySeries], misses_before: int | None) -> None:
+        """A hit: no key was unwrapped while its parameters were bound, and its result
+        columns' keys are in memory (their rows are decoded after this)."""
+        bound_from_memory = misses_before == self.store.cache.misses
+        held = all(
+            (keys := self.store.fresh(series)) is not None and keys.by_header
+            for series in results
+        )
         with self._guard:
             self.statements += 1
-            if misses == self._misses_seen:
+            if bound_from_memory and held:
                 self.hits += 1
-            self._misses_seen = misses
 
     def _preload(self, conn: Connection, needed: frozenset[KeySeries]) -> None:
         now = time.monotonic()

@@ -336,6 +336,10 @@ def _run_demo(engine: Engine, vault: KeyVault, provider: KeyProvider, rows: int)
         f"({len(key_rows)} encrypted table(s))"
     )
     stats = vault.stats()
-    click.echo(f"  {'key cache:':<17} {stats['cache_hits']} hits, {stats['cache_misses']} misses")
+    click.echo(
+        f"  {'statements:':<17} {stats['encrypted_statements']} with encrypted values, "
+        f"{stats['cache_hits']} of them with every key in memory; "
+        f"{stats['cache_misses']} key(s) unwrapped"
+    )
     click.echo("  GenerateDataKey runs once per table's data key, and Decrypt at most once")
     click.echo("  per key while it is cached, however many rows: try a larger --rows.")
