@@ -77,6 +77,7 @@ __all__ = [
     "depend_on_key_table",
     "key_table",
     "key_table_declaration",
+    "scope_for",
     "scope_of",
     "table_scope",
 ]
@@ -352,13 +353,22 @@ def table_scope(table: Table) -> str:
     ``Table("clinic.patients")`` would take the scope, and so the keys and the
     associated data, of ``Table("patients", schema="clinic")``.
     """
-    if "." in table.name:
+    return scope_for(table.name, table.schema)
+
+
+def scope_for(name: str, schema: str | None = None) -> str:
+    """The key scope of the table ``name`` in ``schema`` (see :func:`table_scope`).
+
+    >>> scope_for("patients", "clinic")
+    'clinic.patients'
+    """
+    if "." in name:
         raise ConfigurationError(
             "an encrypted table's name cannot contain a dot, which separates the schema in "
             "its key scope; name the schema with schema=",
-            table=table.name,
+            table=name,
         )
-    return f"{table.schema}.{table.name}" if table.schema else table.name
+    return f"{schema}.{name}" if schema else name
 
 
 def scope_of(table: Table | str) -> str:

@@ -20,6 +20,7 @@ from sqlalchemy import Column, LargeBinary, MetaData, Table, inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import DDL
 
+from .._keytable import scope_for
 from ..errors import ConfigurationError, KeyLifecycleError
 from ..lifecycle.ddl import binary_to_plaintext_ddl, plaintext_to_binary_ddl
 from ..providers import KeyProvider
@@ -118,11 +119,6 @@ def _progress(label: str) -> Callable[[object], None]:
         log.info("%s: %s", label, progress)
 
     return report
-
-
-def _scope(table_name: str, schema: str | None) -> str:
-    """The key scope of a table: its name, ``schema.table`` when a schema is given."""
-    return f"{schema}.{table_name}" if schema else table_name
 
 
 # -- the key table ---------------------------------------------------------------------------
@@ -273,7 +269,7 @@ def _reencrypt(
 @Operations.implementation_for(RotateKmsKeyOp)
 def _rotate_kms_key(operations: Operations, operation: RotateKmsKeyOp) -> None:
     bind, vault = _online(operations, operation)
-    scope = _scope(operation.table_name, operation.schema)
+    scope = scope_for(operation.table_name, operation.schema)
     with _using(vault, bind, operation):
         version = vault.rotate_key(scope, search=operation.search)
         log.info(
@@ -317,7 +313,7 @@ def _rewrap_kms_keys(operations: Operations, operation: RewrapKmsKeysOp) -> None
         provider = provider_from_uri(provider)
     table = None
     if operation.table_name is not None:
-        table = _scope(operation.table_name, operation.schema)
+        table = scope_for(operation.table_name, operation.schema)
     with _using(vault, bind, operation):
         count = vault.rewrap(provider, table=table)
     log.info("%s: %d keys rewrapped under %s", operation.op_name, count, provider.master_key_id)

@@ -12,7 +12,7 @@ import click
 from sqlalchemy import Table
 
 from .._format import MAX_KEY_VERSION
-from .._keytable import KeySeries, table_scope
+from .._keytable import KeySeries, scope_of, table_scope
 from ..lifecycle import Progress
 from ..lifecycle.backup import read_export, select_keys, write_export
 from ..lifecycle.retire import DEFAULT_GRACE_PERIOD
@@ -299,7 +299,7 @@ def destroy(
     table: Table | str = table_name
     if cli.models is not None:
         [table] = cli.tables([table_name])
-    scope = table_scope(table) if isinstance(table, Table) else table
+    scope = scope_of(table)
     with cli.open_vault(master_key=False) as vault:
         vault.grace_period = grace_period
         vault.check_destroyable(table, version, search=search)

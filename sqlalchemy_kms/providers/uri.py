@@ -101,7 +101,7 @@ def region_of_arn(key_id: str) -> str | None:
 
 
 def provider_from_uri(
-    uri: str | KmsUri, *, region: str | None = None, default_key_file: Path | None = None
+    uri: str | KmsUri, *, region: str | None = None
 ) -> KeyProvider:
     """A key provider from a URI: ``aws-kms://KEY`` or ``local://PATH``.
 
@@ -110,8 +110,7 @@ def provider_from_uri(
     ``AWS_ENDPOINT_URL_KMS``), and ``region`` or else the region of a key or
     alias ARN is used when one is given. ``PATH`` is a key file written by
     :meth:`LocalKms.generate_key_file <sqlalchemy_kms.LocalKms.generate_key_file>`,
-    relative to the current directory unless absolute (development only); a
-    bare ``local`` means ``default_key_file``.
+    relative to the current directory unless absolute (development only).
 
     Raises :class:`~sqlalchemy_kms.errors.ConfigurationError` for an unknown
     scheme, a missing or invalid key file, or an AWS client that cannot be set
@@ -132,11 +131,8 @@ def provider_from_uri(
                 "(configure the region with AWS_REGION or a profile, or give a key ARN)"
             ) from None
     if parsed.key_id is None or not parsed.key_id.strip() or parsed.key_id.strip() == ".":
-        if default_key_file is None:
-            raise ConfigurationError("local:// needs a key file path, e.g. local://master.key")
-        path = default_key_file
-    else:
-        path = Path(parsed.key_id).expanduser()
+        raise ConfigurationError("local:// needs a key file path, e.g. local://master.key")
+    path = Path(parsed.key_id).expanduser()
     try:
         return LocalKms(key_file=path)
     except OSError as error:
