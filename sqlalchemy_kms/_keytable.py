@@ -377,17 +377,14 @@ def scope_of(table: Table | str) -> str:
 
 
 def _checked_row(row: Any) -> KeyRow:
-    """A key-table row as a :class:`KeyRow`; a row the CHECK constraints would refuse
-    (only a key table made before them holds one) is a clear error, not a crash."""
-    if (
-        row.purpose not in PURPOSES
-        or row.state not in STATES
-        or not 1 <= row.key_version <= MAX_KEY_VERSION
-    ):
+    """A key-table row as a :class:`KeyRow`; a purpose the CHECK constraints would refuse
+    (only a key table made before them holds one) is a clear error, not a crash. A
+    state other than ``enabled``/``retired`` is kept as read: such a row is never an
+    enabled key, and retire and destroy refuse it."""
+    if row.purpose not in PURPOSES:
         raise KeyLifecycleError(
-            f"the key table's row is invalid (purpose {row.purpose!r}, state {row.state!r}): "
-            f"a key's purpose is 'data' or 'search', its state 'enabled' or 'retired', its "
-            f"version in 1..{MAX_KEY_VERSION}; correct or delete the row",
+            f"the key table's row is invalid (purpose {row.purpose!r}): a key's purpose is "
+            "'data' or 'search'; correct or delete the row",
             table=row.scope,
             key_version=row.key_version,
         )

@@ -27,7 +27,8 @@ from sqlalchemy import Table
 from sqlalchemy.engine import Connection
 
 from .._connections import Connections
-from .._keytable import RETIRED, KeyRow, KeySeries, KeyTable, table_scope
+from .._format import MAX_KEY_VERSION
+from .._keytable import RETIRED, STATES, KeyRow, KeySeries, KeyTable, table_scope
 from ..audit import key_event
 from ..errors import KeyLifecycleError
 from .status import rows_using, rows_using_any_binary
@@ -85,7 +86,15 @@ def _row(keys: KeyTable, connections: Connections, series: KeySeries, version: i
         row = keys.version(conn, series, version)
     if row is None:
         raise KeyLifecycleError("no such key version", table=series.scope, key_version=version)
-    return row  # (a row the key table's constraints refuse raised when it was read)
+    if row.state not in STATES or not 1 <= version <= MAX_KEY_VERSION:
+        # only a key table made before its CHECK constraints holds such a row
+        raise KeyLifecycleError(
+            f"the key table's row is invalid (state {row.state!r}): a key is 'enabled' or "
+            f"'retired', its version in 1..{MAX_KEY_VERSION}; correct or delete the row",
+            table=series.scope,
+            key_version=version,
+        )
+    return row
 
 
 def retire_key(
